@@ -1,0 +1,3 @@
+"""ssl-lightning: self-supervised learning methods as PyTorch Lightning modules."""
+
+__version__ = "0.1.0"

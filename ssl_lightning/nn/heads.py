@@ -1,0 +1,26 @@
+"""Projection and prediction heads."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class MLPHead(nn.Sequential):
+    """``num_layers`` linear layers; hidden layers use BatchNorm and ReLU (SimCLR's projection head).
+
+    ``last_bn=True`` ends with a BatchNorm without affine parameters, as in SimCLR v2 / MoCo v3 heads.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False) -> None:
+        if num_layers < 1:
+            raise ValueError(f"MLPHead needs at least one layer, got num_layers={num_layers}")
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=last and not last_bn))
+            if not last:
+                layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+        if last_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        super().__init__(*layers)
