@@ -1,0 +1,211 @@
+"""``SSLDataModule``: turns a source of images (and maybe labels) into batches of views.
+
+A subclass names its sources (``train_source``, ``val_source`` and optionally ``bank_source``), each a
+dataset of ``(uint8 CHW image tensor, label)`` with label -1 where there is none. The base class makes the
+views, either per sample in DataLoader workers or batched on the device in ``on_after_batch_transfer``
+(``views_on_device``), and provides the evaluation datasets used by the probe and the kNN monitor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ssl_lightning.transforms import SimCLRViews, eval_transform
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor (N, 3, H, W) with int64 labels (-1: no label)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"expected {images.shape[0]} labels, got shape {tuple(labels.shape)}")
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class ViewsDataset(Dataset):
+    """``{"views": [view(image) for each view], "label"}`` from a source of ``(image, label)``."""
+
+    def __init__(self, source: Dataset, make_view: Callable[[torch.Tensor], torch.Tensor], num_views: int) -> None:
+        self.source, self.make_view, self.num_views = source, make_view, num_views
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.source[index]
+        return {"views": [self.make_view(image) for _ in range(self.num_views)], "label": label}
+
+
+class TransformedImages(Dataset):
+    """``{"image": transform(image), "label"}`` from a source of ``(image, label)``."""
+
+    def __init__(self, source: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.source[index]
+        return {"image": self.transform(image), "label": label}
+
+
+def _unchanged(image: torch.Tensor) -> torch.Tensor:
+    return image
+
+
+class SSLDataModule(LightningDataModule):
+    """Base of every image datamodule.
+
+    Args:
+        batch_size: per-process batch size.
+        num_workers: DataLoader worker processes.
+        views: the view recipe; its ``mean``/``std`` are replaced by the dataset's.
+        views_on_device: make the views batched on the device (per-sample parameters) instead of in workers.
+        eval_batch_size: batch size of the evaluation loaders.
+        seed: seed of the device-side view generator (combined with the rank and the batch count).
+    """
+
+    #: all images of a source share one size, so the device path can also do the random crops
+    fixed_size: bool = True
+    default_image_size: int = 32
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    num_classes: Optional[int] = None
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        num_workers: int = 4,
+        views: Optional[SimCLRViews] = None,
+        views_on_device: bool = True,
+        eval_batch_size: int = 512,
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch_size and eval_batch_size must be positive, got {batch_size} and {eval_batch_size}")
+        self.batch_size, self.num_workers, self.eval_batch_size = batch_size, num_workers, eval_batch_size
+        recipe = views if views is not None else SimCLRViews(size=self.default_image_size)
+        self.views = dataclasses.replace(recipe, mean=self.mean, std=self.std)
+        self.views_on_device = views_on_device
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.image_size = self.views.size
+        self._batched_views = self.views.batched()
+        self._generator: Optional[torch.Generator] = None
+        self._device_batches = 0  # view batches made on the device so far (saved for exact resume)
+        self._train: Optional[Dataset] = None
+        self._val: Optional[Dataset] = None
+        self._bank: Optional[Dataset] = None
+
+    # ---- what a subclass provides -------------------------------------------------------------
+    def train_source(self) -> Dataset:
+        """Dataset of ``(uint8 CHW image, label)`` used for pretraining."""
+        raise NotImplementedError
+
+    def val_source(self) -> Optional[Dataset]:
+        """Labeled dataset for evaluation, or None when the data has no labels."""
+        return None
+
+    def bank_source(self) -> Optional[Dataset]:
+        """Labeled training images for the kNN bank (defaults to the training source if labeled)."""
+        return self._train if self.num_classes is not None else None
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self._train is None:
+            self._train = self.train_source()
+            self._val = self.val_source()
+            self._bank = self.bank_source()
+            if len(self._train) == 0:  # type: ignore[arg-type]
+                raise ValueError(f"{type(self).__name__}: the training set is empty")
+
+    def train_dataloader(self) -> DataLoader:
+        assert self._train is not None, "call setup() first"
+        if self.views_on_device and self.fixed_size:  # whole uint8 images; every view op on the device
+            dataset: Dataset = TransformedImages(self._train, _unchanged)
+        elif self.views_on_device:  # variable sizes: crops in workers, the rest on the device
+            dataset = ViewsDataset(self._train, self.views.worker_crop(), num_views=2)
+        else:
+            dataset = ViewsDataset(self._train, self.views.per_sample(), num_views=2)
+        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> Any:
+        ds = self.val_dataset()
+        return [] if ds is None else self._loader(ds, self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.views_on_device and self.trainer is not None and self.trainer.training:
+            batch = self._device_views(batch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"device_batches": self._device_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._device_batches = int(state_dict["device_batches"])
+
+    # ---- evaluation datasets (contract used by the probe and the kNN monitor) -----------------
+    def val_dataset(self) -> Optional[Dataset]:
+        return None if self._val is None else TransformedImages(self._val, self._eval_fn())
+
+    def train_eval_dataset(self) -> Optional[Dataset]:
+        return None if self._bank is None else TransformedImages(self._bank, self._eval_fn())
+
+    def eval_loader(self, dataset: Dataset, rank: int = 0, world_size: int = 1) -> DataLoader:
+        shard = Subset(dataset, range(rank, len(dataset), world_size))  # type: ignore[arg-type]
+        return self._loader(shard, self.eval_batch_size, shuffle=False, drop_last=False)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _eval_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        resize = None if self.fixed_size else int(round(self.image_size / 0.875))
+        return eval_transform(self.image_size, self.mean, self.std, resize=resize)
+
+    def _device_views(self, batch: dict[str, Any]) -> dict[str, Any]:
+        generator = self._step_generator(batch["label"].device)
+        if "image" in batch:  # whole images: crop on the device too
+            views = [self._batched_views(batch["image"], generator, crop=True) for _ in range(2)]
+        else:  # crops made in workers: the rest of the recipe on the device
+            views = [self._batched_views(v, generator, crop=False) for v in batch["views"]]
+        return {"views": views, "label": batch["label"]}
+
+    def _step_generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded from (seed, rank, batch count): distinct per rank, reproducible on resume."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self._generator.manual_seed(hash((self.seed, rank, self._device_batches)) & 0x7FFF_FFFF_FFFF_FFFF)
+        self._device_batches += 1
+        return self._generator
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        if drop_last and len(dataset) < batch_size:  # type: ignore[arg-type]
+            raise ValueError(
+                f"{type(self).__name__}: batch_size={batch_size} is larger than the {len(dataset)} training images"  # type: ignore[arg-type]
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
