@@ -1,0 +1,71 @@
+"""``SSLMethod``: what every self-supervised method shares (backbone, optimizer recipe, logging)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from ssl_lightning.backbones import build_backbone
+from ssl_lightning.optim import OptimConfig, build_optimizer, warmup_cosine
+
+
+class SSLMethod(LightningModule):
+    """Base class of the methods. A subclass builds its heads and implements ``training_step``.
+
+    Args:
+        backbone: a name from ``ssl_lightning.backbones.BACKBONES``.
+        backbone_kwargs: keyword arguments of that backbone (e.g. ``base_width``, ``image_size``).
+        optim: the optimizer recipe (LARS/SGD/AdamW, base lr per 256 images, warm-up then cosine).
+        channels_last: run convolutional backbones in channels-last memory format.
+        compile_backbone: ``torch.compile`` the backbone (keeps state-dict keys).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_kwargs: Optional[dict[str, Any]] = None,
+        optim: Optional[OptimConfig] = None,
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = build_backbone(backbone, **(backbone_kwargs or {}))
+        self.optim = optim if optim is not None else OptimConfig()
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if compile_backbone:
+            self.backbone.compile()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of ``images``: what downstream evaluation uses."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"features": self(batch["image"]).detach()}
+
+    def optimized_modules(self) -> list[nn.Module]:
+        """The modules the optimizer trains (targets updated by EMA are left out by subclasses)."""
+        return [self]
+
+    def global_batch_size(self) -> int:
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError("the learning-rate scaling needs the datamodule's batch_size")
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.optim, self.optimized_modules(), self.global_batch_size())
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = min(total_steps, round(self.optim.warmup_epochs * steps_per_epoch))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(warmup_steps, total_steps, self.optim.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
