@@ -1,0 +1,78 @@
+"""Every config runs ``fit`` through the CLI for a couple of steps; bad input gives clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from ssl_lightning.cli import run_cli
+from tests.test_datamodules import make_image_folder
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+METHOD_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")
+TINY = [
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.strategy=auto",
+    "--trainer.sync_batchnorm=false",
+]
+
+
+def tiny_model_args(config: Path) -> list[str]:
+    text = config.read_text()
+    if "vit" in text and "backbone: vit" in text:
+        return ["--model.init_args.backbone_kwargs={image_size: 32, patch_size: 8, depth: 2}"]
+    return ["--model.init_args.backbone=cifar_resnet18", "--model.init_args.backbone_kwargs={base_width: 4}"]
+
+
+def tiny_data_args(config: Path, tmp_path: Path) -> list[str]:
+    text = config.read_text()
+    if "class_path: ImageFolder" in text:
+        root = make_image_folder(tmp_path / "images", per_class=4)
+        return [f"--data.init_args.root={root}", "--data.init_args.views.size=32", "--data.init_args.batch_size=4",
+                "--data.init_args.num_workers=0"]
+    if "class_path: BundledCIFAR10" in text:
+        return ["--data.init_args.batch_size=8", "--data.init_args.num_workers=0"]
+    return ["--data=SyntheticData", "--data.init_args.num_samples=32", "--data.init_args.batch_size=8",
+            "--data.init_args.num_workers=0"]
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_fits_a_couple_of_steps(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", f"--config={config}", *TINY, *tiny_model_args(config), *tiny_data_args(config, tmp_path)])
+    assert cli.trainer.global_step == 2
+    assert cli.trainer.logged_metrics["train/loss"].isfinite()
+    assert any(type(c).__name__ == "OnlineLinearProbe" for c in cli.trainer.callbacks)  # base.yaml was applied
+
+
+def _error_of(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit):
+        run_cli(args)
+    return capsys.readouterr().err
+
+
+def test_unknown_method_and_key_are_named(capsys: pytest.CaptureFixture) -> None:
+    config = f"--config={CONFIGS / 'simclr_bundled.yaml'}"
+    assert "NoSuchMethod" in _error_of(["fit", config, "--model=NoSuchMethod"], capsys)
+    assert "temprature" in _error_of(["fit", config, "--model.init_args.temprature=0.1"], capsys)
+
+
+def test_unknown_backbone_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet19'"):
+        run_cli(["fit", f"--config={CONFIGS / 'simclr_bundled.yaml'}", "--model.init_args.backbone=resnet19", *TINY])
+
+
+def test_wandb_overlay_writes_an_offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    config = CONFIGS / "simclr_bundled.yaml"
+    run_cli(["fit", f"--config={config}", f"--config={CONFIGS / 'logging' / 'wandb.yaml'}", *TINY,
+             *tiny_model_args(config), *tiny_data_args(config, tmp_path)])
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "no offline W&B run written"
+    assert list(runs[0].rglob("*.wandb")), "the offline run has no data file"
+    assert list(runs[0].rglob("media/images/*.png")), "the view grid was not logged to W&B"
