@@ -1,0 +1,63 @@
+"""Weighted kNN against a slow loop reference; feature extraction modes and dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ssl_lightning.eval import extract_features, knn_predict, knn_top1
+
+
+def reference_knn(query, bank, bank_labels, num_classes, k, temperature):
+    """One query at a time: sort cosine similarities, sum exp(sim / T) of the top k per class."""
+    scores = torch.zeros(len(query), num_classes, dtype=torch.float64)
+    for i, q in enumerate(query.double()):
+        sims = [float(q @ b / (q.norm() * b.norm())) for b in bank.double()]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[: min(k, len(sims))]
+        for j in order:
+            scores[i, int(bank_labels[j])] += math.exp(sims[j] / temperature)
+    return scores
+
+
+@pytest.mark.parametrize("k, chunk_size", [(5, 1024), (7, 3), (1000, 4)])
+def test_knn_predict_matches_reference(k: int, chunk_size: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    query, bank = torch.randn(11, 8, generator=g), 3 * torch.randn(40, 8, generator=g)
+    bank_labels = torch.randint(0, 4, (40,), generator=g)
+    scores = knn_predict(query, bank, bank_labels, num_classes=4, k=k, temperature=0.2, chunk_size=chunk_size)
+    expected = reference_knn(query, bank, bank_labels, 4, k, 0.2)
+    assert scores.shape == (11, 4) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_knn_top1_is_percent_and_uses_neighbours() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    bank_labels = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[2.0, 0.1], [0.1, 5.0], [1.0, 0.05], [0.2, 1.0]])
+    assert knn_top1(query, torch.tensor([0, 1, 0, 1]), bank, bank_labels, 2, k=2, temperature=0.1) == 100.0
+    assert knn_top1(query, torch.tensor([0, 1, 1, 0]), bank, bank_labels, 2, k=2, temperature=0.1) == 50.0
+
+
+class Probe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.Dropout(0.5))
+        self.frozen = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(self.net(x)).double()
+
+
+def test_extract_features_eval_mode_no_grad_and_restores_modes() -> None:
+    model = Probe().train()
+    model.frozen.eval()
+    loader = [{"image": torch.randn(4, 2, 3), "label": torch.tensor([0, 1, 2, 0], dtype=torch.int32)} for _ in range(3)]
+    features, labels = extract_features(model, loader, "cpu")
+    assert features.shape == (12, 3) and features.dtype == torch.float32 and not features.requires_grad
+    assert labels.dtype == torch.long and labels.tolist() == [0, 1, 2, 0] * 3
+    # eval mode: dropout off, so a second pass gives the same features
+    torch.testing.assert_close(extract_features(model, loader, "cpu")[0], features, rtol=0, atol=0)
+    assert model.training and model.net.training and not model.frozen.training
