@@ -26,6 +26,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
 
+# saved in checkpoints' hyper-parameters; a plain data container, safe for ``torch.load(weights_only=True)``
+torch.serialization.add_safe_globals([OptimConfig])
+
+
 def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
     """The learning rate for a global ``batch_size`` under the scaling ``rule``."""
     if rule == "linear":
@@ -37,17 +41,18 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
     raise ValueError(f"unknown scale_lr rule {rule!r}; use 'linear', 'sqrt' or 'none'")
 
 
-def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+def param_groups(modules: Iterable[nn.Module], weight_decay: float, fixed_lr: bool = False) -> list[dict]:
     """Split parameters into a decayed group and a group of biases and norm weights (1-D tensors),
-    which get neither weight decay nor LARS adaptation."""
+    which get neither weight decay nor LARS adaptation. ``fixed_lr`` marks groups that the schedule
+    leaves at the base learning rate."""
     decay, no_decay = [], []
     for module in modules:
         for param in module.parameters():
             if param.requires_grad:
                 (no_decay if param.ndim <= 1 else decay).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False, "fixed_lr": fixed_lr},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "fixed_lr": fixed_lr},
     ]
 
 
@@ -87,10 +92,14 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module], batch_size: int) -> torch.optim.Optimizer:
-    """The optimizer ``cfg`` names over ``modules``, at the learning rate scaled for ``batch_size``."""
+def build_optimizer(
+    cfg: OptimConfig, modules: Iterable[nn.Module], batch_size: int, fixed_lr_modules: Iterable[nn.Module] = ()
+) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names over ``modules`` and ``fixed_lr_modules`` (groups marked ``fixed_lr``),
+    at the learning rate scaled for ``batch_size``."""
     lr = scaled_lr(cfg.lr, batch_size, cfg.scale_lr)
-    groups = param_groups(modules, cfg.weight_decay)
+    groups = param_groups(modules, cfg.weight_decay) + param_groups(fixed_lr_modules, cfg.weight_decay, fixed_lr=True)
+    groups = [group for group in groups if group["params"]]
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     if cfg.name == "sgd":
@@ -110,3 +119,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def constant_lr(step: int) -> float:
+    """A multiplier for ``LambdaLR`` that keeps the base learning rate (SimSiam's fixed predictor lr)."""
+    return 1.0

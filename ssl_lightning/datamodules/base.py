@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ssl_lightning.transforms import SimCLRViews, eval_transform
 
@@ -67,6 +67,31 @@ class TransformedImages(Dataset):
         return {"image": self.transform(image), "label": label}
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A random order per epoch drawn from (seed, epoch) alone, so a resumed run sees the same batches.
+
+    Lightning calls ``set_epoch`` before each epoch; ``skip`` items of the epoch ``skip_epoch`` are left
+    out once, to continue an epoch that a checkpoint interrupted. Under DDP Lightning uses its own seeded
+    ``DistributedSampler`` instead (exact resume there holds at epoch boundaries).
+    """
+
+    def __init__(self, num_items: int, seed: int, skip_epoch: int = 0, skip: int = 0) -> None:
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+        self.skip_epoch, self.skip = skip_epoch, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        start = self.skip if self.epoch == self.skip_epoch else 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
 def _unchanged(image: torch.Tensor) -> torch.Tensor:
     return image
 
@@ -111,6 +136,7 @@ class SSLDataModule(LightningDataModule):
         self._batched_views = self.views.batched()
         self._generator: Optional[torch.Generator] = None
         self._device_batches = 0  # view batches made on the device so far (saved for exact resume)
+        self._epoch, self._epoch_batches = 0, 0  # training batches seen in the current epoch (idem)
         self._train: Optional[Dataset] = None
         self._val: Optional[Dataset] = None
         self._bank: Optional[Dataset] = None
@@ -145,22 +171,31 @@ class SSLDataModule(LightningDataModule):
             dataset = ViewsDataset(self._train, self.views.worker_crop(), num_views=2)
         else:
             dataset = ViewsDataset(self._train, self.views.per_sample(), num_views=2)
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+        sampler = EpochShuffleSampler(
+            len(dataset), self.seed, skip_epoch=self._epoch, skip=self._epoch_batches * self.batch_size  # type: ignore[arg-type]
+        )
+        return self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, sampler=sampler)
 
     def val_dataloader(self) -> Any:
         ds = self.val_dataset()
         return [] if ds is None else self._loader(ds, self.eval_batch_size, shuffle=False, drop_last=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.views_on_device and self.trainer is not None and self.trainer.training:
-            batch = self._device_views(batch)
-        return batch
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        if self.trainer.current_epoch != self._epoch:
+            self._epoch, self._epoch_batches = self.trainer.current_epoch, 0
+        self._epoch_batches += 1
+        return self._device_views(batch) if self.views_on_device else batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"device_batches": self._device_batches}
+        return {"device_batches": self._device_batches, "epoch": self._epoch, "epoch_batches": self._epoch_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._device_batches = int(state_dict["device_batches"])
+        self._epoch, self._epoch_batches = int(state_dict["epoch"]), int(state_dict["epoch_batches"])
 
     # ---- evaluation datasets (contract used by the probe and the kNN monitor) -----------------
     def val_dataset(self) -> Optional[Dataset]:
@@ -195,7 +230,9 @@ class SSLDataModule(LightningDataModule):
         self._device_batches += 1
         return self._generator
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, sampler: Optional[Sampler] = None
+    ) -> DataLoader:
         if drop_last and len(dataset) < batch_size:  # type: ignore[arg-type]
             raise ValueError(
                 f"{type(self).__name__}: batch_size={batch_size} is larger than the {len(dataset)} training images"  # type: ignore[arg-type]
@@ -204,6 +241,7 @@ class SSLDataModule(LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
