@@ -1,7 +1,7 @@
 """``ssl-lightning``: LightningCLI over every method and datamodule of the package.
 
-Any ``SSLMethod`` subclass and any ``SSLDataModule`` subclass can be named in a YAML config with
-``class_path`` (the short class name is enough) and ``init_args``.
+Any method (a ``LightningModule``: every ``SSLMethod``, and the text model) and any datamodule can be named
+in a YAML config with ``class_path`` (the short class name is enough for the package's own) and ``init_args``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-import ssl_lightning.callbacks  # noqa: F401  (makes the callbacks resolvable by short name)
-from ssl_lightning.datamodules import SSLDataModule
-from ssl_lightning.methods import SSLMethod
+# imported so that configs can name their classes by short name (``class_path: SimCLR``)
+import ssl_lightning.callbacks  # noqa: F401
+import ssl_lightning.datamodules  # noqa: F401
+import ssl_lightning.methods  # noqa: F401
 
 
 BASE_CONFIG = "base.yaml"
@@ -46,8 +48,8 @@ def run_cli(args: Optional[list[str]] = None) -> LightningCLI:
     """
     base = sibling_base_config(sys.argv[1:] if args is None else args)
     return LightningCLI(
-        SSLMethod,
-        SSLDataModule,
+        LightningModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,

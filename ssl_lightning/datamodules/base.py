@@ -168,9 +168,9 @@ class SSLDataModule(LightningDataModule):
         if self.views_on_device and self.fixed_size:  # whole uint8 images; every view op on the device
             dataset: Dataset = TransformedImages(self._train, _unchanged)
         elif self.views_on_device:  # variable sizes: crops in workers, the rest on the device
-            dataset = ViewsDataset(self._train, self.views.worker_crop(), num_views=2)
+            dataset = ViewsDataset(self._train, self.views.worker_crop(), num_views=self.views.num_views)
         else:
-            dataset = ViewsDataset(self._train, self.views.per_sample(), num_views=2)
+            dataset = ViewsDataset(self._train, self.views.per_sample(), num_views=self.views.num_views)
         if self.trainer is not None and self.trainer.world_size > 1:
             return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
         sampler = EpochShuffleSampler(
@@ -216,7 +216,7 @@ class SSLDataModule(LightningDataModule):
     def _device_views(self, batch: dict[str, Any]) -> dict[str, Any]:
         generator = self._step_generator(batch["label"].device)
         if "image" in batch:  # whole images: crop on the device too
-            views = [self._batched_views(batch["image"], generator, crop=True) for _ in range(2)]
+            views = [self._batched_views(batch["image"], generator, crop=True) for _ in range(self.views.num_views)]
         else:  # crops made in workers: the rest of the recipe on the device
             views = [self._batched_views(v, generator, crop=False) for v in batch["views"]]
         return {"views": views, "label": batch["label"]}

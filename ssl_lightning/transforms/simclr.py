@@ -44,9 +44,13 @@ def blur_kernel_size(size: int) -> int:
 class SimCLRViews:
     """SimCLR augmentation recipe (Chen et al. 2020, appendix A): random resized crop, horizontal flip,
     colour jitter (p=0.8, strength 0.4/0.4/0.4/0.1), random grayscale (p=0.2) and Gaussian blur
-    (p=0.5, sigma in [0.1, 2], kernel 10% of the side; skipped on small images such as CIFAR)."""
+    (p=0.5, sigma in [0.1, 2], kernel 10% of the side; skipped on small images such as CIFAR).
+
+    ``num_views`` views are made per image; with the probabilities at 0 the same class describes the
+    light single-view augmentation of pretext tasks and masked modelling (crop and flip only)."""
 
     size: int = 32
+    num_views: int = 2
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip_p: float = 0.5
@@ -65,6 +69,8 @@ class SimCLRViews:
     def __post_init__(self) -> None:
         if int(self.size) != self.size or self.size < 1:
             raise ValueError(f"size must be a positive integer, got {self.size!r}")
+        if int(self.num_views) != self.num_views or self.num_views < 1:
+            raise ValueError(f"num_views must be a positive integer, got {self.num_views!r}")
         if int(self.blur_min_size) != self.blur_min_size or self.blur_min_size < 1:
             raise ValueError(f"blur_min_size must be a positive integer, got {self.blur_min_size!r}")
         self.scale = _pair("scale", self.scale)
