@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -60,3 +62,31 @@ def gather_variable_length(tensor: torch.Tensor) -> torch.Tensor:
     gathered = gather_no_grad(padded)
     rows = [gathered[i * max(counts) : i * max(counts) + n] for i, n in enumerate(counts)]
     return torch.cat(rows, dim=0)
+
+
+@torch.no_grad()
+def shuffle_across_ranks(tensor: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Shuffle-BN's shuffle (He et al. 2020, sec. 3.3): this rank's slice of a random permutation of the
+    global batch, and the index that undoes it (``None`` on one process, where the batch is returned as
+    is: the statistics of one BatchNorm over the whole batch do not depend on its order).
+
+    The permutation drawn from ``generator`` on rank 0 is broadcast, so every rank uses the same one.
+    Every rank must pass the same number of rows.
+    """
+    if not is_distributed():
+        return tensor, None
+    gathered = gather_no_grad(tensor)
+    permutation = torch.randperm(gathered.shape[0], generator=generator, device=generator.device).to(tensor.device)
+    dist.broadcast(permutation, src=0)
+    mine = permutation.view(dist.get_world_size(), -1)[dist.get_rank()]
+    return gathered[mine], torch.argsort(permutation)
+
+
+@torch.no_grad()
+def unshuffle_across_ranks(tensor: torch.Tensor, unshuffle: Optional[torch.Tensor]) -> torch.Tensor:
+    """Undo ``shuffle_across_ranks``: the rows of ``tensor`` computed from the shuffled slices, returned
+    to the rank and position of the samples they came from."""
+    if unshuffle is None:
+        return tensor
+    gathered = gather_no_grad(tensor)
+    return gathered[unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]]

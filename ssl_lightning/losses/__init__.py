@@ -1,5 +1,14 @@
 """Loss functions: pure tensor-in, loss-out functions that are correct under DDP."""
 
+from ssl_lightning.losses.cosine import negative_cosine_similarity, normalized_mse
+from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
 from ssl_lightning.losses.nt_xent import nt_xent_loss
 
-__all__ = ["nt_xent_loss"]
+__all__ = [
+    "infonce_queue_loss",
+    "moco_v3_contrastive_loss",
+    "moco_v3_loss",
+    "negative_cosine_similarity",
+    "normalized_mse",
+    "nt_xent_loss",
+]

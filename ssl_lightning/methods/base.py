@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -9,7 +10,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from ssl_lightning.backbones import build_backbone
-from ssl_lightning.optim import OptimConfig, build_optimizer, warmup_cosine
+from ssl_lightning.optim import OptimConfig, build_optimizer, constant_lr, warmup_cosine
 
 
 class SSLMethod(LightningModule):
@@ -43,9 +44,18 @@ class SSLMethod(LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features of ``images``: what downstream evaluation uses."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone(images)
+        return self.backbone(self.to_memory_format(images))
+
+    def to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` in the backbone's memory format (channels-last when ``channels_last``)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def frozen_copy(self, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` with the same weights and no gradient: a target network updated by EMA."""
+        target = copy.deepcopy(module).requires_grad_(False)
+        if module is self.backbone and self.hparams.get("compile_backbone"):
+            target.compile()  # deepcopy drops the compiled forward
+        return target
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"features": self(batch["image"]).detach()}
@@ -54,6 +64,11 @@ class SSLMethod(LightningModule):
         """The modules the optimizer trains (targets updated by EMA are left out by subclasses)."""
         return [self]
 
+    def fixed_lr_modules(self) -> list[nn.Module]:
+        """Modules trained at the constant scaled learning rate, without warm-up or decay (SimSiam's
+        predictor); a subclass that returns some leaves them out of ``optimized_modules``."""
+        return []
+
     def global_batch_size(self) -> int:
         per_device = getattr(self.trainer.datamodule, "batch_size", None)
         if per_device is None:
@@ -61,11 +76,14 @@ class SSLMethod(LightningModule):
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.optim, self.optimized_modules(), self.global_batch_size())
+        optimizer = build_optimizer(
+            self.optim, self.optimized_modules(), self.global_batch_size(), self.fixed_lr_modules()
+        )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(total_steps, round(self.optim.warmup_epochs * steps_per_epoch))
+        factor = warmup_cosine(warmup_steps, total_steps, self.optim.min_lr_ratio)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(warmup_steps, total_steps, self.optim.min_lr_ratio)
+            optimizer, [constant_lr if group.get("fixed_lr") else factor for group in optimizer.param_groups]
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -9,18 +9,30 @@ class MLPHead(nn.Sequential):
     """``num_layers`` linear layers; hidden layers use BatchNorm and ReLU (SimCLR's projection head).
 
     ``last_bn=True`` ends with a BatchNorm without affine parameters, as in SimCLR v2 / MoCo v3 heads.
+    ``hidden_bn=False`` drops the hidden BatchNorms (MoCo v2's head: linear, ReLU, linear).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        num_layers: int = 2,
+        last_bn: bool = False,
+        hidden_bn: bool = True,
+    ) -> None:
         if num_layers < 1:
             raise ValueError(f"MLPHead needs at least one layer, got num_layers={num_layers}")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         for i in range(num_layers):
             last = i == num_layers - 1
-            layers.append(nn.Linear(dims[i], dims[i + 1], bias=last and not last_bn))
+            followed_by_bn = last_bn if last else hidden_bn
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not followed_by_bn))
             if not last:
-                layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+                if hidden_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                layers.append(nn.ReLU(inplace=True))
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
