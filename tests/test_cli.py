@@ -76,3 +76,20 @@ def test_wandb_overlay_writes_an_offline_run(tmp_path: Path, monkeypatch: pytest
     assert runs, "no offline W&B run written"
     assert list(runs[0].rglob("*.wandb")), "the offline run has no data file"
     assert list(runs[0].rglob("media/images/*.png")), "the view grid was not logged to W&B"
+
+
+def test_validate_test_and_predict_run_from_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / "simclr_bundled.yaml"
+    small = [*tiny_model_args(config), "--data=SyntheticData", "--data.init_args.num_samples=16",
+             "--data.init_args.num_val_samples=12", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+             "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    fit = run_cli(["fit", f"--config={config}", "--trainer.max_steps=2", *small])
+    checkpoint = fit.trainer.checkpoint_callback.last_model_path
+    assert Path(checkpoint).is_file()
+    for command in ("validate", "test"):
+        run_cli([command, f"--config={config}", f"--ckpt_path={checkpoint}", *small])
+    predict = run_cli(["predict", f"--config={config}", f"--ckpt_path={checkpoint}", "--return_predictions=true", *small])
+    batches = predict.trainer.predict_loop.predictions
+    assert sum(b["features"].shape[0] for b in batches) == 12
+    assert batches[0]["features"].shape[1] == predict.model.backbone.feature_dim

@@ -182,6 +182,16 @@ class SSLDataModule(LightningDataModule):
         ds = self.val_dataset()
         return [] if ds is None else self._loader(ds, self.eval_batch_size, shuffle=False, drop_last=False)
 
+    def test_dataloader(self) -> Any:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The evaluation images (or, without labels, the training images) with the evaluation transform."""
+        ds = self.val_dataset()
+        if ds is None:
+            ds = TransformedImages(self._train, self._eval_fn())  # type: ignore[arg-type]
+        return self._loader(ds, self.eval_batch_size, shuffle=False, drop_last=False)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is None or not self.trainer.training:
             return batch

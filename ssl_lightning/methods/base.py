@@ -60,6 +60,13 @@ class SSLMethod(LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"features": self(batch["image"]).detach()}
 
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Features and labels of an evaluation batch (``ssl-lightning predict`` extracts features)."""
+        return {"features": self(batch["image"]), "label": batch["label"]}
+
     def optimized_modules(self) -> list[nn.Module]:
         """The modules the optimizer trains (targets updated by EMA are left out by subclasses)."""
         return [self]
