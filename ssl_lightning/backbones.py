@@ -25,7 +25,9 @@ class ResNetTrunk(nn.Module):
     """torchvision's ResNet without ``fc``, with a configurable base width and stem.
 
     With ``base_width=64`` and the ImageNet stem its ``state_dict`` keys and shapes are those of
-    ``torchvision.models.resnetXX`` minus ``fc``.
+    ``torchvision.models.resnetXX`` minus ``fc``. ``feature_map(x)`` gives the last stage's spatial
+    features before pooling (``feature_dim`` channels, ``feature_stride`` times smaller than the input),
+    for methods that decode pixels (colorization, inpainting).
     """
 
     def __init__(self, block: type[nn.Module], layers: list[int], base_width: int = 64, cifar_stem: bool = False) -> None:
@@ -44,6 +46,7 @@ class ResNetTrunk(nn.Module):
         self.layer4 = self._make_layer(block, base_width * 8, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = base_width * 8 * block.expansion
+        self.feature_stride = 8 if cifar_stem else 32
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -60,10 +63,13 @@ class ResNetTrunk(nn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, feature_dim, ceil(H / feature_stride), ceil(W / feature_stride))."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
 
 
 class TimmViT(nn.Module):
@@ -98,10 +104,29 @@ def _vit_builder(timm_name: str) -> Callable[..., nn.Module]:
     return build
 
 
+# ViT-Ti/S/B/L sizes (embed_dim, depth, num_heads) for MAE's encoder (He et al. 2022), which can run on visible patches only
+_MAE_VITS = {
+    "mae_vit_tiny": (192, 12, 3),
+    "mae_vit_small": (384, 12, 6),
+    "mae_vit_base": (768, 12, 12),
+    "mae_vit_large": (1024, 24, 16),
+}
+
+
+def _mae_vit_builder(embed_dim: int, depth: int, num_heads: int) -> Callable[..., nn.Module]:
+    def build(**kwargs: object) -> nn.Module:
+        from ssl_lightning.nn.vit_mae import MaskedViTEncoder
+
+        return MaskedViTEncoder(**{"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, **kwargs})
+
+    return build
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{name: _resnet_builder(name, cifar_stem=False) for name in _RESNET_LAYOUTS},
     **{f"cifar_{name}": _resnet_builder(name, cifar_stem=True) for name in _RESNET_LAYOUTS},
     **{name: _vit_builder(timm_name) for name, timm_name in _VITS.items()},
+    **{name: _mae_vit_builder(*size) for name, size in _MAE_VITS.items()},
 }
 
 

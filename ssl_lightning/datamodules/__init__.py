@@ -6,5 +6,6 @@ from ssl_lightning.datamodules.cifar import CIFAR10, CIFAR100
 from ssl_lightning.datamodules.image_folder import ImageFolder
 from ssl_lightning.datamodules.stl10 import STL10
 from ssl_lightning.datamodules.synthetic import SyntheticData
+from ssl_lightning.datamodules.text import BundledText, TextData
 
-__all__ = ["SSLDataModule", "BundledCIFAR10", "CIFAR10", "CIFAR100", "ImageFolder", "STL10", "SyntheticData"]
+__all__ = ["SSLDataModule", "BundledCIFAR10", "CIFAR10", "CIFAR100", "ImageFolder", "STL10", "SyntheticData", "TextData", "BundledText"]

@@ -1,14 +1,16 @@
 """Loss functions: pure tensor-in, loss-out functions that are correct under DDP."""
 
+from ssl_lightning.losses.nt_xent import nt_xent_loss
 from ssl_lightning.losses.cosine import negative_cosine_similarity, normalized_mse
 from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
-from ssl_lightning.losses.nt_xent import nt_xent_loss
+from ssl_lightning.losses.inpainting import hidden_region_mse
 
 __all__ = [
+    "nt_xent_loss",
     "infonce_queue_loss",
     "moco_v3_contrastive_loss",
     "moco_v3_loss",
     "negative_cosine_similarity",
     "normalized_mse",
-    "nt_xent_loss",
+    "hidden_region_mse",
 ]

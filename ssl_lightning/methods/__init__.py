@@ -1,10 +1,29 @@
 """Self-supervised methods, one LightningModule per file."""
 
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.methods.simclr import SimCLR
 from ssl_lightning.methods.byol import BYOL
 from ssl_lightning.methods.moco_v2 import MoCoV2
 from ssl_lightning.methods.moco_v3 import MoCoV3
-from ssl_lightning.methods.simclr import SimCLR
 from ssl_lightning.methods.simsiam import SimSiam
+from ssl_lightning.methods.mae import MAE
+from ssl_lightning.methods.mlm import MaskedLanguageModel
+from ssl_lightning.methods.rotation import Rotation
+from ssl_lightning.methods.jigsaw import Jigsaw
+from ssl_lightning.methods.colorization import Colorization
+from ssl_lightning.methods.inpainting import Inpainting
 
-__all__ = ["SSLMethod", "BYOL", "MoCoV2", "MoCoV3", "SimCLR", "SimSiam"]
+__all__ = [
+    "SSLMethod",
+    "SimCLR",
+    "BYOL",
+    "MoCoV2",
+    "MoCoV3",
+    "SimSiam",
+    "MAE",
+    "MaskedLanguageModel",
+    "Rotation",
+    "Jigsaw",
+    "Colorization",
+    "Inpainting",
+]
