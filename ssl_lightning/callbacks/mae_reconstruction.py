@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
+
+from ssl_lightning.callbacks.image_logging import log_image_grid
 
 
 class MAEReconstructionLogger(Callback):
@@ -54,14 +54,7 @@ class MAEReconstructionLogger(Callback):
         if not trainer.is_global_zero or self._images is None:
             return
         grid = self.grid(pl_module, self._images, trainer.datamodule.mean, trainer.datamodule.std)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="mae_reconstruction", images=[grid], step=trainer.global_step)
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("mae_reconstruction", grid, trainer.global_step)
-        if self._log_dir is not None:
-            os.makedirs(self._log_dir, exist_ok=True)
-            save_image(grid, os.path.join(self._log_dir, "mae_reconstruction.png"))
+        log_image_grid(trainer, "mae_reconstruction", grid, self._log_dir)
 
     @torch.no_grad()
     def grid(self, pl_module: pl.LightningModule, images: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
+
+from ssl_lightning.callbacks.image_logging import log_image_grid
 
 
 class ViewGridLogger(Callback):
@@ -38,14 +38,7 @@ class ViewGridLogger(Callback):
         if not trainer.is_global_zero:
             return
         grid = self._grid(batch["views"], trainer.datamodule.mean, trainer.datamodule.std)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="views", images=[grid], step=trainer.global_step)
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("views", grid, trainer.global_step)
-        if self._log_dir is not None:
-            os.makedirs(self._log_dir, exist_ok=True)
-            save_image(grid, os.path.join(self._log_dir, "views.png"))
+        log_image_grid(trainer, "views", grid, self._log_dir)
 
     @torch.no_grad()
     def _grid(self, views: list[torch.Tensor], mean: Any, std: Any) -> torch.Tensor:
