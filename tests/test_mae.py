@@ -204,7 +204,7 @@ def _fit_tiny(root: Path, max_steps: int, ckpt_path: str | None = None) -> MAE:
     data = SyntheticData(num_samples=16, image_size=16, batch_size=8, num_workers=0, views=views, seed=0)
     every_2_steps = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer = Trainer(accelerator="cpu", max_steps=max_steps, logger=False, limit_val_batches=0, deterministic=True,
-                      callbacks=[every_2_steps], enable_progress_bar=False, enable_model_summary=False)
+                      callbacks=[every_2_steps], enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     model = tiny_mae()
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return model

@@ -239,7 +239,7 @@ def _fit_tiny(root: Path, corpus: Path, max_steps: int, ckpt_path: str | None = 
     data = TextData(files=str(corpus), vocab_size=300, max_length=16, batch_size=4, cache_dir=str(root.parent / "cache"))
     every_2_steps = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer = Trainer(accelerator="cpu", max_steps=max_steps, logger=False, limit_val_batches=0, deterministic=True,
-                      callbacks=[every_2_steps], enable_progress_bar=False, enable_model_summary=False)
+                      callbacks=[every_2_steps], enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     model = MaskedLanguageModel(dim=16, depth=1, num_heads=2, dropout=0.0)  # dropout draws from the global RNG
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return model

@@ -19,14 +19,16 @@ IGNORE_INDEX = -100  # label of positions without a prediction (F.cross_entropy'
 
 
 class MaskedLanguageModel(LightningModule):
-    """A BERT-style encoder: token + learned position embeddings, pre-norm ``nn.TransformerEncoder``
-    (Xiong et al. 2020) with a final LayerNorm, and BERT's MLM head (dense, GELU, LayerNorm, then the
-    output projection tied to the token embedding, with its own bias).
+    """A BERT-style encoder: token + learned position embeddings followed by a LayerNorm (as BERT's
+    embeddings: at init std 0.02 the token signal would otherwise be tiny next to the blocks' outputs),
+    pre-norm ``nn.TransformerEncoder`` (Xiong et al. 2020) with a final LayerNorm, and BERT's MLM head
+    (dense, GELU, LayerNorm, then the output projection tied to the token embedding, with its own bias).
 
     Args:
         vocab_size: size of the vocabulary; None takes ``trainer.datamodule.vocab_size`` at ``setup``
             (the tokenizer may be trained then) and stores it in the hyper-parameters for checkpoints.
-        dim, depth, num_heads, mlp_ratio, dropout: the encoder's shape.
+        dim, depth, num_heads, mlp_ratio, dropout: the encoder's shape (dropout draws from the global
+            random state: with dropout > 0 a resumed run is not bit-identical to an uninterrupted one).
         max_positions: the longest sequence the position embedding covers.
         optim: the optimizer recipe (default AdamW, lr 1e-4, weight decay 0.01, as BERT).
 
