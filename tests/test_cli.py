@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import wandb
 
 from ssl_lightning.cli import run_cli
 from tests.test_datamodules import make_image_folder
@@ -89,6 +90,7 @@ def test_wandb_overlay_writes_an_offline_run(tmp_path: Path, monkeypatch: pytest
     config = CONFIGS / "simclr_bundled.yaml"
     run_cli(["fit", f"--config={config}", f"--config={CONFIGS / 'logging' / 'wandb.yaml'}", *TINY,
              *tiny_model_args(config), *tiny_data_args(config, tmp_path)])
+    wandb.finish()  # flush the run's files (Lightning leaves the run open at the end of fit)
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, "no offline W&B run written"
     assert list(runs[0].rglob("*.wandb")), "the offline run has no data file"
