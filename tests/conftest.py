@@ -13,3 +13,13 @@ torch.set_num_threads(1)  # tiny test models: thread start-up costs more than it
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _close_wandb_runs():
+    """A W&B run left open by one test would be reused by the next test's WandbLogger."""
+    yield
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
