@@ -93,7 +93,6 @@ def test_wandb_overlay_writes_an_offline_run(tmp_path: Path, monkeypatch: pytest
     wandb.finish()  # flush the run's files (Lightning leaves the run open at the end of fit)
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, "no offline W&B run written"
-    assert list(runs[0].rglob("*.wandb")), "the offline run has no data file"
     assert list(runs[0].rglob("media/images/*.png")), "the view grid was not logged to W&B"
 
 
