@@ -46,6 +46,22 @@ class SSLMethod(LightningModule):
         """Backbone features of ``images``: what downstream evaluation uses."""
         return self.backbone(self.to_memory_format(images))
 
+    def features_by_resolution(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Backbone features of every view, one backbone call per run of consecutive same-size views.
+
+        Multi-crop (Caron et al. 2020): the global crops go through the backbone as one batch and the
+        local crops as another, instead of one call per crop. Returns one (B, D) tensor per view, in order.
+        """
+        features: list[torch.Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features += list(self(torch.cat(views[start:end])).chunk(end - start))
+            start = end
+        return features
+
     def to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` in the backbone's memory format (channels-last when ``channels_last``)."""
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images

@@ -1,0 +1,23 @@
+"""``SSLMethod.features_by_resolution``: one backbone call per resolution, same features as one call per view."""
+
+from __future__ import annotations
+
+import torch
+
+from ssl_lightning.methods import SimCLR
+
+
+def test_features_by_resolution_matches_one_call_per_view_and_groups_sizes() -> None:
+    torch.manual_seed(0)
+    method = SimCLR(backbone="cifar_resnet18", backbone_kwargs={"base_width": 4}).eval()
+    views = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(3)]
+    calls: list[tuple[int, ...]] = []
+    method.backbone.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        grouped = method.features_by_resolution(views)
+        calls_grouped = list(calls)
+        single = [method(view) for view in views]
+    assert calls_grouped == [(6, 3, 32, 32), (9, 3, 16, 16)]
+    assert len(grouped) == len(views)
+    for got, expected in zip(grouped, single):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
