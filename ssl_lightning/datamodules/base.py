@@ -214,6 +214,13 @@ class SSLDataModule(LightningDataModule):
     def train_eval_dataset(self) -> Optional[Dataset]:
         return None if self._bank is None else TransformedImages(self._bank, self._eval_fn())
 
+    def labeled_sources(self) -> tuple[Optional[Dataset], Optional[Dataset]]:
+        """The labeled training images (the kNN bank's source) and the validation images, as datasets of
+        ``(uint8 CHW image, label)`` without any transform (fine-tuning, label fractions); None where absent."""
+        if self._train is None:
+            self.setup("fit")
+        return self._bank, self._val
+
     def eval_loader(self, dataset: Dataset, rank: int = 0, world_size: int = 1) -> DataLoader:
         shard = Subset(dataset, range(rank, len(dataset), world_size))  # type: ignore[arg-type]
         return self._loader(shard, self.eval_batch_size, shuffle=False, drop_last=False)
