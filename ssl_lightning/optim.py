@@ -99,7 +99,12 @@ def build_optimizer(
     at the learning rate scaled for ``batch_size``."""
     lr = scaled_lr(cfg.lr, batch_size, cfg.scale_lr)
     groups = param_groups(modules, cfg.weight_decay) + param_groups(fixed_lr_modules, cfg.weight_decay, fixed_lr=True)
-    groups = [group for group in groups if group["params"]]
+    return optimizer_for_groups(cfg, [group for group in groups if group["params"]], lr)
+
+
+def optimizer_for_groups(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names over parameter ``groups`` at learning rate ``lr`` (a group's own
+    ``lr`` key, e.g. from layer-wise decay, takes precedence)."""
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     if cfg.name == "sgd":
@@ -124,3 +129,23 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
 def constant_lr(step: int) -> float:
     """A multiplier for ``LambdaLR`` that keeps the base learning rate (SimSiam's fixed predictor lr)."""
     return 1.0
+
+
+def cosine_schedule(step: int, total_steps: int, base: float, final: float) -> float:
+    """``final + (base - final) * (1 + cos(pi * step / total_steps)) / 2``: ``base`` at step 0 towards ``final``
+    (DINO's weight-decay schedule, Caron et al. 2021, appendix: 0.04 -> 0.4 over the optimizer steps)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def clip_grad_norm_per_parameter_(params: Iterable[torch.Tensor], max_norm: float) -> None:
+    """Scale each parameter's gradient whose norm exceeds ``max_norm`` down to ``max_norm`` (each tensor on
+    its own, not one global norm: DINO's ``clip_gradients``, Caron et al. 2021). Parameters without a
+    gradient are skipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(factors.unbind()))
