@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ssl_lightning.transforms import SimCLRViews, eval_transform
+from ssl_lightning.transforms import BatchedViews, SimCLRViews, eval_transform
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -40,17 +41,20 @@ class TensorImages(Dataset):
 
 
 class ViewsDataset(Dataset):
-    """``{"views": [view(image) for each view], "label"}`` from a source of ``(image, label)``."""
+    """``{"views": [make(image) for make in make_views], "label"}`` from a source of ``(image, label)``.
 
-    def __init__(self, source: Dataset, make_view: Callable[[torch.Tensor], torch.Tensor], num_views: int) -> None:
-        self.source, self.make_view, self.num_views = source, make_view, num_views
+    One callable per view, so the local crops of multi-crop get their own size and scale.
+    """
+
+    def __init__(self, source: Dataset, make_views: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.source, self.make_views = source, list(make_views)
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.source[index]
-        return {"views": [self.make_view(image) for _ in range(self.num_views)], "label": label}
+        return {"views": [make(image) for make in self.make_views], "label": label}
 
 
 class TransformedImages(Dataset):
@@ -102,7 +106,8 @@ class SSLDataModule(LightningDataModule):
     Args:
         batch_size: per-process batch size.
         num_workers: DataLoader worker processes.
-        views: the view recipe; its ``mean``/``std`` are replaced by the dataset's.
+        views: the view recipe (global views, plus local crops when ``num_local`` > 0); its ``mean``/``std``
+            are replaced by the dataset's.
         views_on_device: make the views batched on the device (per-sample parameters) instead of in workers.
         eval_batch_size: batch size of the evaluation loaders.
         seed: seed of the device-side view generator (combined with the rank and the batch count).
@@ -134,6 +139,7 @@ class SSLDataModule(LightningDataModule):
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.image_size = self.views.size
         self._batched_views = self.views.batched()
+        self._batched_local = self.views.local_views().batched() if self.views.num_local else None
         self._generator: Optional[torch.Generator] = None
         self._device_batches = 0  # view batches made on the device so far (saved for exact resume)
         self._epoch, self._epoch_batches = 0, 0  # training batches seen in the current epoch (idem)
@@ -168,9 +174,9 @@ class SSLDataModule(LightningDataModule):
         if self.views_on_device and self.fixed_size:  # whole uint8 images; every view op on the device
             dataset: Dataset = TransformedImages(self._train, _unchanged)
         elif self.views_on_device:  # variable sizes: crops in workers, the rest on the device
-            dataset = ViewsDataset(self._train, self.views.worker_crop(), num_views=self.views.num_views)
+            dataset = ViewsDataset(self._train, self.views.worker_crops())
         else:
-            dataset = ViewsDataset(self._train, self.views.per_sample(), num_views=self.views.num_views)
+            dataset = ViewsDataset(self._train, self.views.per_sample_views())
         if self.trainer is not None and self.trainer.world_size > 1:
             return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
         sampler = EpochShuffleSampler(
@@ -231,11 +237,21 @@ class SSLDataModule(LightningDataModule):
         return eval_transform(self.image_size, self.mean, self.std, resize=resize)
 
     def _device_views(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The views of a batch, global views first; each size is made as one batched call.
+
+        Parameters are drawn per sample and per view from the step's generator, in view order.
+        """
         generator = self._step_generator(batch["label"].device)
-        if "image" in batch:  # whole images: crop on the device too
-            views = [self._batched_views(batch["image"], generator, crop=True) for _ in range(self.views.num_views)]
-        else:  # crops made in workers: the rest of the recipe on the device
-            views = [self._batched_views(v, generator, crop=False) for v in batch["views"]]
+        groups: list[tuple[BatchedViews, int]] = [(self._batched_views, self.views.num_views)]
+        if self._batched_local is not None:
+            groups.append((self._batched_local, self.views.num_local))
+        views: list[torch.Tensor] = []
+        for make, count in groups:
+            if "image" in batch:  # whole images: crop on the device too
+                views += make(batch["image"].repeat(count, 1, 1, 1), generator, crop=True).chunk(count)
+            else:  # crops made in workers: the rest of the recipe on the device
+                crops = torch.cat(batch["views"][len(views) : len(views) + count])
+                views += make(crops, generator, crop=False).chunk(count)
         return {"views": views, "label": batch["label"]}
 
     def _step_generator(self, device: torch.device) -> torch.Generator:

@@ -1,5 +1,7 @@
 """The SimCLR view recipe (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
-Representations", appendix A), as per-sample torchvision v2 transforms.
+Representations", appendix A), as per-sample torchvision v2 transforms, optionally with the low-resolution
+local crops of multi-crop (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting
+Cluster Assignments", SwAV, section 3.2).
 
 The same recipe runs batched on the device through :class:`~ssl_lightning.transforms.batched.BatchedViews`
 (``SimCLRViews.batched()``).
@@ -7,8 +9,8 @@ The same recipe runs batched on the device through :class:`~ssl_lightning.transf
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,14 +42,30 @@ def blur_kernel_size(size: int) -> int:
     return int(0.1 * size) // 2 * 2 + 1
 
 
-@dataclass
+@dataclasses.dataclass
 class SimCLRViews:
     """SimCLR augmentation recipe (Chen et al. 2020, appendix A): random resized crop, horizontal flip,
     colour jitter (p=0.8, strength 0.4/0.4/0.4/0.1), random grayscale (p=0.2) and Gaussian blur
     (p=0.5, sigma in [0.1, 2], kernel 10% of the side; skipped on small images such as CIFAR).
 
     ``num_views`` views are made per image; with the probabilities at 0 the same class describes the
-    light single-view augmentation of pretext tasks and masked modelling (crop and flip only)."""
+    light single-view augmentation of pretext tasks and masked modelling (crop and flip only).
+
+    Multi-crop (Caron et al. 2020, SwAV section 3.2): ``num_views`` GLOBAL views at ``size``/``scale``
+    followed by ``num_local`` LOCAL views at ``local_size``/``local_scale``, the rest of the recipe
+    unchanged (the blur rule applies per size). Recipes used by the papers and suggested here:
+
+    - SwAV, ImageNet: ``size: 224, scale: [0.14, 1], num_local: 6, local_size: 96, local_scale: [0.05, 0.14]``.
+    - DINO, ImageNet: ``size: 224, scale: [0.4, 1]`` (``[0.32, 1]`` for its small ViTs), ``num_local`` 6-10,
+      ``local_size: 96, local_scale: [0.05, 0.4]`` (resp. ``[0.05, 0.32]``).
+    - 96 px data (STL-10): ``size: 96, scale: [0.14, 1], local_size: 48, local_scale: [0.05, 0.14]``: the
+      ImageNet geometry at 96/224 of the pixels; a 5% crop still holds about 21x21 source pixels.
+    - 32 px data (CIFAR): ``size: 32, scale: [0.14, 1], local_size: 16, local_scale: [0.1, 0.4]``. The
+      ImageNet range would cut 7x7 to 12x12 pixel patches, upsampled about 2x: likely too little of a
+      32 px object to match a global view. 10-40% gives 10x10 to 20x20 patches at about one source pixel
+      per output pixel, still well under a global view's content; 16 px leaves 2x2 cells after the CIFAR
+      ResNet's 8x downsampling. These 32/96 px settings are reasoned, not tuned here.
+    """
 
     size: int = 32
     num_views: int = 2
@@ -65,12 +83,24 @@ class SimCLRViews:
     blur_min_size: int = 96
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
+    num_local: int = 0
+    local_size: int = 0
+    local_scale: tuple[float, float] = (0.05, 0.14)
 
     def __post_init__(self) -> None:
         if int(self.size) != self.size or self.size < 1:
             raise ValueError(f"size must be a positive integer, got {self.size!r}")
         if int(self.num_views) != self.num_views or self.num_views < 1:
             raise ValueError(f"num_views must be a positive integer, got {self.num_views!r}")
+        if int(self.num_local) != self.num_local or self.num_local < 0:
+            raise ValueError(f"num_local must be a non-negative integer, got {self.num_local!r}")
+        if int(self.local_size) != self.local_size or self.local_size < 0:
+            raise ValueError(f"local_size must be a non-negative integer, got {self.local_size!r}")
+        if self.num_local > 0 and self.local_size == 0:
+            raise ValueError(f"local_size must be set (> 0) when num_local={self.num_local} local crops are asked for")
+        self.local_scale = _pair("local_scale", self.local_scale)
+        if not 0.0 < self.local_scale[0] <= self.local_scale[1] <= 1.0:
+            raise ValueError(f"local_scale must lie in (0, 1], got {self.local_scale}")
         if int(self.blur_min_size) != self.blur_min_size or self.blur_min_size < 1:
             raise ValueError(f"blur_min_size must be a positive integer, got {self.blur_min_size!r}")
         self.scale = _pair("scale", self.scale)
@@ -96,6 +126,19 @@ class SimCLRViews:
             raise ValueError(f"std must be positive, got {self.std}")
 
     @property
+    def total_views(self) -> int:
+        """Views per image: ``num_views`` global views followed by ``num_local`` local views."""
+        return self.num_views + self.num_local
+
+    def local_views(self) -> SimCLRViews:
+        """The recipe of the local crops alone: ``num_local`` views at ``local_size``/``local_scale``."""
+        if self.num_local == 0:
+            raise ValueError("local_views() needs num_local > 0; this recipe has no local crops")
+        return dataclasses.replace(
+            self, size=self.local_size, scale=self.local_scale, num_views=self.num_local, num_local=0, local_size=0
+        )
+
+    @property
     def blurs(self) -> bool:
         """Whether the recipe blurs: only for images of at least ``blur_min_size`` pixels."""
         return self.size >= self.blur_min_size and self.blur_p > 0.0
@@ -118,6 +161,11 @@ class SimCLRViews:
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         return v2.Compose(ops)
 
+    def per_sample_views(self) -> list[v2.Compose]:
+        """One per-sample transform per view, global views first: ``total_views`` callables."""
+        local = [self.local_views().per_sample()] * self.num_local if self.num_local else []
+        return [self.per_sample()] * self.num_views + local
+
     def worker_crop(self) -> v2.Compose:
         """Only the random resized crop, uint8 -> uint8 (3, size, size), for variable-size images.
 
@@ -130,8 +178,14 @@ class SimCLRViews:
             ]
         )
 
+    def worker_crops(self) -> list[v2.Compose]:
+        """One ``worker_crop()`` per view, global views first (local ones at ``local_size``/``local_scale``)."""
+        local = [self.local_views().worker_crop()] * self.num_local if self.num_local else []
+        return [self.worker_crop()] * self.num_views + local
+
     def batched(self) -> BatchedViews:
-        """The same recipe on a whole uint8 batch on its device, parameters drawn per sample."""
+        """The same recipe on a whole uint8 batch on its device, parameters drawn per sample (the global
+        views; ``local_views().batched()`` makes the local ones)."""
         from ssl_lightning.transforms.batched import BatchedViews
 
         return BatchedViews(self)
