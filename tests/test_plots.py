@@ -1,0 +1,91 @@
+"""The plots are valid PNG files of the expected content, deterministic, and reach the loggers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import wandb
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+
+from ssl_lightning.eval.plots import confusion_matrix_plot, log_images, subsample, tsne_plot, umap_available, umap_plot
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+        assert len(np.unique(np.asarray(image.convert("L")))) > 2  # something was drawn
+
+
+def clusters(n: int = 100, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.arange(n) % classes
+    features = torch.randn(n, 16, generator=torch.Generator().manual_seed(0)) + 4 * torch.eye(16)[labels]
+    return features, labels
+
+
+def test_tsne_writes_a_png(tmp_path: Path) -> None:
+    features, labels = clusters()
+    path = tsne_plot(features, labels, tmp_path / "sub" / "tsne.png", class_names=list("abcde"))
+    assert path == tmp_path / "sub" / "tsne.png"
+    assert_png(path)
+    with pytest.raises(ValueError, match=r"features \(N, D\) and labels \(N,\)"):
+        tsne_plot(features, labels[:-1], tmp_path / "bad.png")
+
+
+def test_subsample_is_seeded_sorted_and_bounded() -> None:
+    a, b = subsample(5000, 2000, seed=0), subsample(5000, 2000, seed=0)
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a)) == 2000 and np.all(np.diff(a) > 0) and a.max() < 5000
+    assert not np.array_equal(a, subsample(5000, 2000, seed=1))
+    np.testing.assert_array_equal(subsample(50, 2000, seed=0), np.arange(50))
+
+
+def test_umap_is_optional(tmp_path: Path) -> None:
+    features, labels = clusters()
+    path = umap_plot(features, labels, tmp_path / "umap.png")
+    if umap_available():
+        assert_png(path)
+    else:
+        assert path is None and not (tmp_path / "umap.png").exists()
+
+
+def test_confusion_matrix_png_and_errors(tmp_path: Path) -> None:
+    labels = torch.arange(40) % 4
+    predictions = labels.clone()
+    predictions[::5] = 0
+    path = confusion_matrix_plot(predictions, labels, tmp_path / "confusion.png", class_names=["w", "x", "y", "z"])
+    assert_png(path)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
+        confusion_matrix_plot(predictions, labels, tmp_path / "bad.png", num_classes=3)
+    with pytest.raises(ValueError, match="class_names has 2 names for 4 classes"):
+        confusion_matrix_plot(predictions, labels, tmp_path / "bad.png", class_names=["a", "b"], num_classes=4)
+
+
+def test_log_images_to_tensorboard_and_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    labels = torch.arange(12) % 3
+    path = confusion_matrix_plot(labels, labels, tmp_path / "confusion.png")
+    logger = TensorBoardLogger(tmp_path / "tb")
+    try:
+        log_images([logger, WandbLogger(save_dir=tmp_path, project="test")], [path], step=7)
+    finally:
+        wandb.finish()
+    log_images(None, [path])  # no logger: nothing to do
+    assert list(tmp_path.glob("wandb/*run-*/files/media/images/eval/confusion_*.png"))
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    [image] = events.Images("eval/confusion")
+    with Image.open(path) as png:
+        assert image.step == 7 and (image.width, image.height) == png.size
