@@ -51,6 +51,22 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@torch.no_grad()
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (a no-op on one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over ranks, in place (a no-op on one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def gather_variable_length(tensor: torch.Tensor) -> torch.Tensor:
     """Gather rows of different counts per rank (no gradient), in rank order, dropping padding."""
     if not is_distributed():

@@ -4,6 +4,7 @@ from ssl_lightning.losses.nt_xent import nt_xent_loss
 from ssl_lightning.losses.cosine import negative_cosine_similarity, normalized_mse
 from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
 from ssl_lightning.losses.inpainting import hidden_region_mse
+from ssl_lightning.losses.swav import sinkhorn_knopp, swav_loss
 
 __all__ = [
     "nt_xent_loss",
@@ -13,4 +14,6 @@ __all__ = [
     "negative_cosine_similarity",
     "normalized_mse",
     "hidden_region_mse",
+    "sinkhorn_knopp",
+    "swav_loss",
 ]

@@ -12,6 +12,7 @@ from ssl_lightning.methods.rotation import Rotation
 from ssl_lightning.methods.jigsaw import Jigsaw
 from ssl_lightning.methods.colorization import Colorization
 from ssl_lightning.methods.inpainting import Inpainting
+from ssl_lightning.methods.swav import SwAV
 
 __all__ = [
     "SSLMethod",
@@ -26,4 +27,5 @@ __all__ = [
     "Jigsaw",
     "Colorization",
     "Inpainting",
+    "SwAV",
 ]
