@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ssl_lightning.methods import SimCLR
@@ -21,3 +22,10 @@ def test_features_by_resolution_matches_one_call_per_view_and_groups_sizes() -> 
     assert len(grouped) == len(views)
     for got, expected in zip(grouped, single):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_two_view_methods_reject_multi_crop_batches_with_a_clear_error() -> None:
+    method = SimCLR(backbone="cifar_resnet18", backbone_kwargs={"base_width": 4})
+    views = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16)]
+    with pytest.raises(ValueError, match="num_local: 0 \\(got 3 views\\)"):
+        method.training_step({"views": views, "label": torch.zeros(2, dtype=torch.long)}, 0)

@@ -46,6 +46,16 @@ class SSLMethod(LightningModule):
         """Backbone features of ``images``: what downstream evaluation uses."""
         return self.backbone(self.to_memory_format(images))
 
+    def two_views(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of a two-view method's batch; a clear error for any other recipe (e.g. multi-crop)."""
+        views = batch["views"]
+        if len(views) != 2:
+            raise ValueError(
+                f"{type(self).__name__} trains on two views per image; set data.init_args.views.num_views: 2 "
+                f"and num_local: 0 (got {len(views)} views)"
+            )
+        return views[0], views[1]
+
     def features_by_resolution(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Backbone features of every view, one backbone call per run of consecutive same-size views.
 

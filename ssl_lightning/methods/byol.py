@@ -56,7 +56,7 @@ class BYOL(SSLMethod):
         return self.target_projector(self.target_backbone(self.to_memory_format(images)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        view1, view2 = batch["views"]
+        view1, view2 = self.two_views(batch)
         features = self(view1)
         z1 = self.projector(features)
         p1, p2 = self.predictor(z1), self.predictor(self.projector(self(view2)))

@@ -77,7 +77,7 @@ class MoCoV2(SSLMethod):
         return unshuffle_across_ranks(keys, unshuffle)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        view1, view2 = batch["views"]
+        view1, view2 = self.two_views(batch)
         features = self(view1)
         q = self.projector(features)
         k = self.encode_keys(view2, batch_idx)

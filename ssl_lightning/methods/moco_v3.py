@@ -69,7 +69,7 @@ class MoCoV3(SSLMethod):
         return [MomentumUpdate(pairs, self.base_momentum, self.final_momentum, self.momentum_schedule)]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        view1, view2 = batch["views"]
+        view1, view2 = self.two_views(batch)
         features = self(view1)
         z1 = self.projector(features)
         q1, q2 = self.predictor(z1), self.predictor(self.projector(self(view2)))

@@ -27,7 +27,7 @@ class SimCLR(SSLMethod):
         self.projector = MLPHead(self.backbone.feature_dim, projection_hidden_dim, projection_dim, num_layers=2)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        view1, view2 = batch["views"]
+        view1, view2 = self.two_views(batch)
         features = self(torch.cat([view1, view2]))
         z1, z2 = self.projector(features).chunk(2)
         loss = nt_xent_loss(z1, z2, self.temperature)

@@ -48,7 +48,7 @@ class SimSiam(SSLMethod):
         return [self.predictor] if self.fixed_predictor_lr else []
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        view1, view2 = batch["views"]
+        view1, view2 = self.two_views(batch)
         features = self(view1)
         z1, z2 = self.projector(features), self.projector(self(view2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
