@@ -73,14 +73,32 @@ class ResNetTrunk(nn.Module):
 
 
 class TimmViT(nn.Module):
-    """A timm Vision Transformer returning the pooled (class-token) feature."""
+    """A timm Vision Transformer returning the pooled (class-token) feature.
 
-    def __init__(self, timm_name: str, image_size: int = 224, patch_size: int = 16, **timm_kwargs: object) -> None:
+    ``dynamic_img_size`` (on by default) lets it take images of another size than ``image_size`` (sides
+    multiples of ``patch_size``) by interpolating the position embeddings, as multi-crop's small local crops
+    need (Caron et al. 2021); at ``image_size`` the output is unchanged.
+    """
+
+    def __init__(
+        self,
+        timm_name: str,
+        image_size: int = 224,
+        patch_size: int = 16,
+        dynamic_img_size: bool = True,
+        **timm_kwargs: object,
+    ) -> None:
         super().__init__()
         import timm
 
         self.model = timm.create_model(
-            timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch_size, **timm_kwargs
+            timm_name,
+            pretrained=False,
+            num_classes=0,
+            img_size=image_size,
+            patch_size=patch_size,
+            dynamic_img_size=dynamic_img_size,
+            **timm_kwargs,
         )
         self.feature_dim: int = self.model.num_features
 

@@ -5,6 +5,7 @@ from ssl_lightning.losses.cosine import negative_cosine_similarity, normalized_m
 from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
 from ssl_lightning.losses.inpainting import hidden_region_mse
 from ssl_lightning.losses.swav import sinkhorn_knopp, swav_loss
+from ssl_lightning.losses.dino import dino_loss, teacher_temperature, update_center_
 
 __all__ = [
     "nt_xent_loss",
@@ -16,4 +17,7 @@ __all__ = [
     "hidden_region_mse",
     "sinkhorn_knopp",
     "swav_loss",
+    "dino_loss",
+    "update_center_",
+    "teacher_temperature",
 ]

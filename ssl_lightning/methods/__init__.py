@@ -6,6 +6,7 @@ from ssl_lightning.methods.byol import BYOL
 from ssl_lightning.methods.moco_v2 import MoCoV2
 from ssl_lightning.methods.moco_v3 import MoCoV3
 from ssl_lightning.methods.simsiam import SimSiam
+from ssl_lightning.methods.dino import DINO
 from ssl_lightning.methods.mae import MAE
 from ssl_lightning.methods.mlm import MaskedLanguageModel
 from ssl_lightning.methods.rotation import Rotation
@@ -21,6 +22,7 @@ __all__ = [
     "MoCoV2",
     "MoCoV3",
     "SimSiam",
+    "DINO",
     "MAE",
     "MaskedLanguageModel",
     "Rotation",

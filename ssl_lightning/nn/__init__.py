@@ -1,5 +1,6 @@
 """Heads shared by the methods."""
 
 from ssl_lightning.nn.heads import MLPHead
+from ssl_lightning.nn.dino_head import DINOHead
 
-__all__ = ["MLPHead"]
+__all__ = ["MLPHead", "DINOHead"]

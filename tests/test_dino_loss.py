@@ -1,0 +1,83 @@
+"""DINO's loss against a loop over crop pairs, the center's EMA (also on 2 gloo processes against one process on
+the full batch) and the teacher temperature schedule. Light imports: the spawned processes import this module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_lightning.distributed import all_reduce_mean_, gather_no_grad
+from ssl_lightning.losses import dino_loss, teacher_temperature, update_center_
+from tests.ddp_utils import run_distributed
+
+
+def slow_dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, tau_s: float,
+                   tau_t: float) -> torch.Tensor:
+    """Eq. 3 term by term: every (global teacher crop, other student crop) pair, every sample, every class."""
+    total, terms = torch.zeros(()), 0
+    for iq, t in enumerate(teacher):
+        for v, s in enumerate(student):
+            if v == iq:  # same view for teacher and student
+                continue
+            pair = torch.zeros(())
+            for b in range(t.shape[0]):
+                p_t = torch.exp((t[b] - center[0]) / tau_t) / torch.exp((t[b] - center[0]) / tau_t).sum()
+                log_p_s = s[b] / tau_s - torch.logsumexp(s[b] / tau_s, dim=0)
+                pair = pair + sum(-p_t[k].detach() * log_p_s[k] for k in range(t.shape[1]))
+            total, terms = total + pair / t.shape[0], terms + 1
+    return total / terms
+
+
+def test_loss_matches_a_loop_over_crop_pairs() -> None:
+    torch.manual_seed(0)
+    student = [torch.randn(3, 5, requires_grad=True) for _ in range(4)]  # 2 global + 2 local crops
+    teacher = [torch.randn(3, 5, requires_grad=True) for _ in range(2)]
+    center = torch.randn(1, 5)
+    loss = dino_loss(student, teacher, center, 0.1, 0.04)
+    reference = slow_dino_loss(student, teacher, center, 0.1, 0.04)
+    torch.testing.assert_close(loss, reference)
+    grads = torch.autograd.grad(loss, student, retain_graph=True)
+    reference_grads = torch.autograd.grad(reference, student)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected)
+    loss.backward()
+    assert all(t.grad is None for t in teacher)  # no gradient into the teacher
+    with pytest.raises(ValueError, match="shape"):
+        dino_loss(student + [torch.randn(3, 6)], teacher, center, 0.1, 0.04)
+
+
+def test_center_is_an_ema_of_the_batch_mean() -> None:
+    torch.manual_seed(0)
+    center, teacher = torch.randn(1, 6), torch.randn(10, 6)
+    expected = 0.9 * center + 0.1 * teacher.mean(dim=0, keepdim=True)
+    torch.testing.assert_close(update_center_(center, teacher, 0.9), expected)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        update_center_(center, torch.randn(10, 5), 0.9)
+
+
+def _center_and_loss_on_ranks(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # the same full batch on every rank; each takes its own rows
+    student, teacher, center = torch.randn(3, 8, 5), torch.randn(2, 8, 5), torch.randn(1, 5)
+    mine = slice(rank * 4, rank * 4 + 4)
+    loss = dino_loss(list(student[:, mine]), list(teacher[:, mine]), center, 0.1, 0.04)
+    update_center_(center, teacher[:, mine].reshape(-1, 5), 0.9)
+    return {"centers": gather_no_grad(center), "loss": all_reduce_mean_(loss.detach().clone())}
+
+
+def test_center_and_loss_on_two_processes_equal_one_process_on_the_full_batch() -> None:
+    result = run_distributed(_center_and_loss_on_ranks, 2)
+    torch.manual_seed(0)
+    student, teacher, center = torch.randn(3, 8, 5), torch.randn(2, 8, 5), torch.randn(1, 5)
+    loss = dino_loss(list(student), list(teacher), center, 0.1, 0.04)
+    update_center_(center, teacher.reshape(-1, 5), 0.9)
+    torch.testing.assert_close(result["centers"], torch.cat([center, center]))  # both ranks, same center
+    torch.testing.assert_close(result["loss"], loss)  # mean of the ranks' losses = full-batch loss
+
+
+def test_teacher_temperature_warms_up_linearly_then_stays() -> None:
+    schedule = np.concatenate([np.linspace(0.04, 0.07, 30), np.full(70, 0.07)])  # the reference code's table
+    values = [teacher_temperature(epoch, 0.04, 0.07, 30) for epoch in range(100)]
+    np.testing.assert_allclose(values, schedule, rtol=0, atol=1e-12)
+    assert values[0] == 0.04 and values[29] == pytest.approx(0.07) and values[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert teacher_temperature(0, 0.04, 0.07, 0) == 0.07
