@@ -32,6 +32,17 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
 
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, keeping the autograd graph (``tensor`` itself on one process).
+
+    The backward pass sums the incoming gradients over ranks, as ``gather_with_grad`` does: when every
+    rank computes the same loss from the sum, DDP's averaging gives the gradient of one process.
+    """
+    if not is_distributed():
+        return tensor
+    return dist_fn.all_reduce(tensor)
+
+
 @torch.no_grad()
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0, in rank order, without gradient."""

@@ -6,6 +6,8 @@ from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive
 from ssl_lightning.losses.inpainting import hidden_region_mse
 from ssl_lightning.losses.swav import sinkhorn_knopp, swav_loss
 from ssl_lightning.losses.dino import dino_loss, teacher_temperature, update_center_
+from ssl_lightning.losses.barlow_twins import BarlowTwinsLoss, barlow_twins_loss
+from ssl_lightning.losses.vicreg import VICRegLoss, vicreg_loss
 
 __all__ = [
     "nt_xent_loss",
@@ -20,4 +22,8 @@ __all__ = [
     "dino_loss",
     "update_center_",
     "teacher_temperature",
+    "BarlowTwinsLoss",
+    "barlow_twins_loss",
+    "VICRegLoss",
+    "vicreg_loss",
 ]

@@ -14,6 +14,8 @@ from ssl_lightning.methods.jigsaw import Jigsaw
 from ssl_lightning.methods.colorization import Colorization
 from ssl_lightning.methods.inpainting import Inpainting
 from ssl_lightning.methods.swav import SwAV
+from ssl_lightning.methods.barlow_twins import BarlowTwins
+from ssl_lightning.methods.vicreg import VICReg
 
 __all__ = [
     "SSLMethod",
@@ -30,4 +32,6 @@ __all__ = [
     "Colorization",
     "Inpainting",
     "SwAV",
+    "BarlowTwins",
+    "VICReg",
 ]
