@@ -93,22 +93,46 @@ def test_sinkhorn_and_loss_reject_bad_shapes_by_name() -> None:
         swav_loss(scores, [torch.zeros(4, 2)], [0])
 
 
-def _ddp_sinkhorn(rank: int, world_size: int, batch: torch.Tensor, queue: torch.Tensor) -> dict:
-    """Rank 0 holds 5 samples, rank 1 holds 3; each adds its slice of the queue, as ``SwAV.codes`` does."""
+def method_with_a_full_queue(queue: torch.Tensor, pointer: int) -> SwAV:
+    """A SwAV whose queue (8, 2 crops, 6) is in use, without a trainer; the same weights in every process."""
+    model = tiny_swav(projection_dim=6, num_prototypes=5, queue_length=8)
+    model.queue.copy_(queue)
+    model.queue_ptr.fill_(pointer)
+    model.used_queue_length = lambda: 8  # type: ignore[method-assign]
+    return model
+
+
+def _gather_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    padded = torch.cat([rows, rows.new_zeros(max(counts) - rows.shape[0], rows.shape[1])])
+    parts = [torch.zeros_like(padded) for _ in counts]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def _ddp_codes(rank: int, world_size: int, batch: torch.Tensor, queue: torch.Tensor, embeddings: torch.Tensor) -> dict:
+    """Rank 0 holds 5 samples, rank 1 holds 3. Sinkhorn-Knopp with each rank's slice of a queue of scores,
+    and ``SwAV.codes`` with the method's own queue of embeddings (its slice chosen by the method)."""
+    counts = [5, 3]
     mine = batch[:5] if rank == 0 else batch[5:]
     own_queue = torch.tensor_split(queue, world_size)[rank]
     codes = sinkhorn_knopp(torch.cat([mine, own_queue]), 0.05, 3)[: mine.shape[0]]
-    parts = [torch.zeros(5, batch.shape[1]), torch.zeros(5, batch.shape[1])]
-    padded = torch.cat([codes, torch.zeros(5 - codes.shape[0], codes.shape[1])])
-    torch.distributed.all_gather(parts, padded)
-    return {"codes": torch.cat([parts[0], parts[1][:3]])}
+    model = method_with_a_full_queue(embeddings, pointer=3)
+    method_codes = model.codes(mine, crop=1)
+    return {"codes": _gather_rows(codes, counts), "method_codes": _gather_rows(method_codes, counts)}
 
 
-def test_sinkhorn_on_two_processes_equals_one_process_on_the_full_batch() -> None:
+def test_codes_on_two_processes_equal_one_process_on_the_full_batch() -> None:
     batch, queue = random_scores(8, 5, seed=2), random_scores(7, 5, seed=3)
-    result = run_distributed(_ddp_sinkhorn, 2, batch, queue)
+    embeddings = F.normalize(torch.randn(8, 2, 6), dim=2)
+    result = run_distributed(_ddp_codes, 2, batch, queue, embeddings)
     expected = sinkhorn_knopp(torch.cat([batch, queue]), 0.05, 3)[:8]
     torch.testing.assert_close(result["codes"], expected, rtol=1e-5, atol=1e-7)
+
+    model = method_with_a_full_queue(embeddings, pointer=3)  # one process: the whole queue
+    queue_scores = model.prototypes(embeddings[:, 1]).detach()
+    expected = sinkhorn_knopp(torch.cat([batch, queue_scores]), 0.05, 3)[:8]
+    torch.testing.assert_close(model.codes(batch, crop=1), expected)
+    torch.testing.assert_close(result["method_codes"], expected, rtol=1e-5, atol=1e-7)
 
 
 def slow_swav_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], assign: list[int], temperature: float) -> torch.Tensor:

@@ -35,8 +35,10 @@ class SwAV(SSLMethod):
             (0: none; 3840 for batches of 256). As in the paper's code, only whole global batches count:
             the length used is ``queue_length`` rounded down to a multiple of the global batch, so with
             batches of 4096 the ImageNet recipe's 3840 means no queue.
-        queue_start_epoch: the first epoch whose codes use the queue (15 on ImageNet); the queue is used
-            once it has been filled, i.e. also after ``queue_length`` embeddings since the start of the run.
+        queue_start_epoch: the first epoch whose codes use the queue (15 on ImageNet). The queue is filled
+            from the first step on (one all-gather of the assignment crops' embeddings per step), so it is
+            full when that epoch starts; the paper's code starts filling at that epoch and waits until full.
+            Either way only full queues of recent embeddings are used.
 
     The queue is a buffer (``queue_length``, assignment crops, ``projection_dim``) filled after each
     optimizer step by ``QueueUpdate`` with the embeddings gathered from ALL ranks, so it is the same on every
@@ -68,7 +70,8 @@ class SwAV(SSLMethod):
                 f"non-negative, got {num_prototypes}, {queue_length}, {freeze_prototypes_steps}, {queue_start_epoch}"
             )
         self.crops_for_assign = [int(i) for i in crops_for_assign]
-        if not self.crops_for_assign or min(self.crops_for_assign) < 0 or len(set(self.crops_for_assign)) != len(self.crops_for_assign):
+        assign = self.crops_for_assign
+        if not assign or min(assign) < 0 or len(set(assign)) != len(assign):
             raise ValueError(f"crops_for_assign must be distinct non-negative crop indices, got {list(crops_for_assign)}")
         self.temperature, self.epsilon, self.sinkhorn_iterations = temperature, epsilon, sinkhorn_iterations
         self.freeze_prototypes_steps = freeze_prototypes_steps
@@ -107,7 +110,7 @@ class SwAV(SSLMethod):
 
     def on_train_start(self) -> None:
         batch = self.global_batch_size()
-        if self.queue_length % batch:
+        if self.queue_length and self.queue_length % batch:
             rank_zero_warn(
                 f"SwAV: the queue keeps whole global batches ({batch} embeddings each), so it uses "
                 f"{self.queue_length - self.queue_length % batch} of queue_length={self.queue_length} rows"
