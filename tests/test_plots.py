@@ -11,7 +11,15 @@ import wandb
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from ssl_lightning.eval.plots import confusion_matrix_plot, log_images, subsample, tsne_plot, umap_available, umap_plot
+from ssl_lightning.eval.plots import (
+    confusion_matrix_plot,
+    log_images,
+    subsample,
+    tsne_plot,
+    umap_available,
+    umap_plot,
+    write_eval_plots,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,11 +39,13 @@ def clusters(n: int = 100, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor
     return features, labels
 
 
-def test_tsne_writes_a_png(tmp_path: Path) -> None:
+def test_tsne_and_confusion_matrix_of_an_evaluation(tmp_path: Path) -> None:
     features, labels = clusters()
-    path = tsne_plot(features, labels, tmp_path / "sub" / "tsne.png", class_names=list("abcde"))
-    assert path == tmp_path / "sub" / "tsne.png"
-    assert_png(path)
+    paths = write_eval_plots(features, labels, tmp_path / "plots", predictions=labels, class_names=list("abcde"))
+    expected = ["tsne", *(["umap"] if umap_available() else []), "confusion"]
+    assert paths == [tmp_path / "plots" / f"{name}.png" for name in expected]
+    for path in paths:
+        assert_png(path)
     with pytest.raises(ValueError, match=r"features \(N, D\) and labels \(N,\)"):
         tsne_plot(features, labels[:-1], tmp_path / "bad.png")
 

@@ -155,3 +155,18 @@ def log_images(logger: Union[Logger, Iterable[Logger], None], paths: Iterable[Un
                 each.log_image(key=key, images=[str(path)], step=step)
             elif isinstance(each, TensorBoardLogger):
                 each.experiment.add_image(key, decode_png(read_file(str(path)), ImageReadMode.RGB), step)
+
+
+def write_eval_plots(features: Union[torch.Tensor, np.ndarray], labels: Union[torch.Tensor, np.ndarray],
+                     out_dir: Union[str, Path], predictions: Union[torch.Tensor, np.ndarray, None] = None,
+                     class_names: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
+                     logger: Union[Logger, Iterable[Logger], None] = None, seed: int = 0) -> list[Path]:
+    """``tsne.png`` (and ``umap.png`` with umap-learn) of ``features`` by ``labels``, and ``confusion.png`` of
+    ``predictions`` when given, in ``out_dir``; sent to ``logger`` when one is given. Returns the files."""
+    paths = [tsne_plot(features, labels, Path(out_dir) / "tsne.png", class_names, seed=seed)]
+    umap_path = umap_plot(features, labels, Path(out_dir) / "umap.png", class_names, seed=seed)
+    paths += [umap_path] if umap_path is not None else []
+    if predictions is not None:
+        paths.append(confusion_matrix_plot(predictions, labels, Path(out_dir) / "confusion.png", class_names, num_classes))
+    log_images(logger, paths)
+    return paths
