@@ -29,7 +29,10 @@ def tiny_model_args(config: Path) -> list[str]:
         return ["--model.init_args.dim=16", "--model.init_args.depth=1", "--model.init_args.num_heads=2"]
     if "vit" in text and "backbone: vit" in text:
         return ["--model.init_args.backbone_kwargs={image_size: 32, patch_size: 8, depth: 2}"]
-    return ["--model.init_args.backbone=cifar_resnet18", "--model.init_args.backbone_kwargs={base_width: 4}"]
+    small = ["--model.init_args.backbone=cifar_resnet18", "--model.init_args.backbone_kwargs={base_width: 4}"]
+    if "class_path: BarlowTwins" in text or "class_path: VICReg" in text:  # 8192-d projectors: 134M parameters
+        small += ["--model.init_args.projection_hidden_dim=64", "--model.init_args.projection_dim=64"]
+    return small
 
 
 def tiny_data_args(config: Path, tmp_path: Path) -> list[str]:
