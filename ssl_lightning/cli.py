@@ -62,6 +62,12 @@ def run_cli(args: Optional[list[str]] = None) -> LightningCLI:
 
 def main(args: Optional[list[str]] = None) -> None:
     """Console entry point ``ssl-lightning``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["eval"]:
+        from ssl_lightning.eval.command import main as eval_main
+
+        eval_main(argv[1:])
+        return
     run_cli(args)
 
 

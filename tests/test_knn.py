@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_lightning.eval import extract_features, knn_predict, knn_top1
+from ssl_lightning.eval import extract_features, knn_accuracy, knn_predict, knn_top1
 
 
 def reference_knn(query, bank, bank_labels, num_classes, k, temperature):
@@ -31,6 +31,26 @@ def test_knn_predict_matches_reference(k: int, chunk_size: int) -> None:
     expected = reference_knn(query, bank, bank_labels, 4, k, 0.2)
     assert scores.shape == (11, 4) and scores.dtype == torch.float32
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [40, 16])
+def test_knn_top1_and_top5_match_reference_ranking(k: int) -> None:
+    """Top-5: the label is among the 5 classes with the largest reference scores."""
+    g = torch.Generator().manual_seed(1)
+    query, bank = torch.randn(30, 6, generator=g), torch.randn(40, 6, generator=g)
+    bank_labels, query_labels = torch.arange(40) % 8, torch.randint(0, 8, (30,), generator=g)
+    expected = reference_knn(query, bank, bank_labels, 8, k, 0.07)
+    in_top1, in_top5 = [], []
+    for scores, label in zip(expected.tolist(), query_labels.tolist()):
+        ranked = sorted(range(8), key=lambda c: -scores[c])
+        in_top1.append(ranked[0] == label)
+        in_top5.append(label in ranked[:5])
+        # a class without votes scores 0: the data is chosen so that no such tie decides a top-5 membership
+        assert scores[label] > 0 or sum(s > 0 for s in scores) >= 5
+    top1, top5 = knn_accuracy(query, query_labels, bank, bank_labels, 8, k=k, temperature=0.07)
+    assert top1 == pytest.approx(100 * sum(in_top1) / 30)
+    assert top1 == knn_top1(query, query_labels, bank, bank_labels, 8, k, 0.07)
+    assert top5 == pytest.approx(100 * sum(in_top5) / 30) and top1 < top5 < 100
 
 
 def test_knn_top1_is_percent_and_uses_neighbours() -> None:

@@ -1,6 +1,26 @@
-"""Evaluation of frozen features: extraction and weighted kNN."""
+"""Evaluation of frozen features: extraction, caching, weighted kNN, linear probe, label fractions."""
 
+from ssl_lightning.eval.cache import FeatureCache, feature_cache_key, file_sha256
 from ssl_lightning.eval.features import extract_features
-from ssl_lightning.eval.knn import knn_predict, knn_top1
+from ssl_lightning.eval.knn import knn_accuracy, knn_predict, knn_top1
+from ssl_lightning.eval.label_fractions import label_fraction_indices
+from ssl_lightning.eval.linear_probe import LinearProbeResult, linear_probe, train_linear, train_linear_grid
+from ssl_lightning.eval.metrics import topk_accuracy
 
-__all__ = ["extract_features", "knn_predict", "knn_top1"]
+# ``checkpoint`` and ``command`` import the methods (which import the callbacks, which import this package):
+# import them as ``ssl_lightning.eval.checkpoint`` / ``ssl_lightning.eval.command``.
+__all__ = [
+    "FeatureCache",
+    "feature_cache_key",
+    "file_sha256",
+    "extract_features",
+    "knn_accuracy",
+    "knn_predict",
+    "knn_top1",
+    "label_fraction_indices",
+    "LinearProbeResult",
+    "linear_probe",
+    "train_linear",
+    "train_linear_grid",
+    "topk_accuracy",
+]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_lightning.eval.metrics import topk_accuracy
+
 
 def knn_predict(
     query: torch.Tensor,
@@ -48,3 +50,17 @@ def knn_top1(
     """Top-1 accuracy of :func:`knn_predict` in percent."""
     pred = knn_predict(query, bank, bank_labels, num_classes, k, temperature).argmax(dim=1)
     return (pred == query_labels).float().mean().item() * 100.0
+
+
+def knn_accuracy(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy of :func:`knn_predict` in percent (top-5 is top-``num_classes`` below 5 classes)."""
+    scores = knn_predict(query, bank, bank_labels, num_classes, k, temperature)
+    return topk_accuracy(scores, query_labels, 1), topk_accuracy(scores, query_labels, 5)

@@ -1,0 +1,287 @@
+"""``ssl-lightning eval``: evaluate the backbone of a checkpoint of any image method.
+
+    ssl-lightning eval --config configs/eval/bundled.yaml --checkpoint runs/.../last.ckpt --output_dir runs/eval/simclr
+
+Features (``method(images)``: the backbone's) of the labeled training split (``train_eval_dataset()``) and of
+the validation split (``val_dataset()``) are extracted once and cached on disk (``eval.cache``); the
+protocols then run on them: weighted kNN, a linear probe with a swept learning rate, and both on balanced
+label fractions (semi-supervised). ``metrics.json`` and ``report.md`` are written to ``output_dir``.
+
+A protocol is a function ``EvalContext -> list[Result]`` registered in ``PROTOCOLS`` with an optional
+dataclass of its settings (parsed as ``--<name>.<field>``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.pytorch import LightningDataModule
+
+import ssl_lightning.datamodules  # noqa: F401  (configs name datamodules by short name)
+from ssl_lightning.datamodules import SSLDataModule
+from ssl_lightning.eval.cache import FeatureCache, feature_cache_key, file_sha256
+from ssl_lightning.eval.checkpoint import load_method
+from ssl_lightning.eval.features import extract_features
+from ssl_lightning.eval.knn import knn_accuracy
+from ssl_lightning.eval.label_fractions import images_per_class, label_fraction_indices
+from ssl_lightning.eval.linear_probe import LinearProbeResult, linear_probe
+from ssl_lightning.methods import SSLMethod
+
+
+@dataclass
+class KNNOptions:
+    """Weighted kNN on cosine similarity (Wu et al. 2018): ``--knn.k``, ``--knn.temperature``."""
+
+    k: list[int] = field(default_factory=lambda: [10, 20, 200])
+    temperature: float = 0.07
+
+
+@dataclass
+class LinearOptions:
+    """Linear probe on standardized features; the grid ``lrs x weight_decays`` is swept on a held-out part
+    (``holdout_fraction``, stratified, from the seed) of the training split."""
+
+    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4])
+    epochs: int = 100
+    batch_size: int = 256
+    holdout_fraction: float = 0.1
+
+
+@dataclass
+class Result:
+    """One row of the report: ``name`` is also the key in ``metrics.json``; ``details`` are extra numbers."""
+
+    name: str
+    top1: float
+    top5: float
+    details: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class EvalContext:
+    """What a protocol gets: the method (on ``device``), the set-up datamodule, the parsed options, and
+    ``features(split)`` (``"train"`` or ``"val"``), extracted once per run and cached on disk.
+
+    ``artifacts`` passes objects between protocols (``"linear"``: the ``LinearProbeResult``).
+    """
+
+    method: SSLMethod
+    datamodule: SSLDataModule
+    options: Namespace
+    device: torch.device
+    output_dir: Path
+    cache: FeatureCache
+    checkpoint_sha256: str
+    data_config: dict[str, Any]
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    _features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.datamodule.num_classes)  # type: ignore[arg-type]
+
+    def dataset(self, split: str):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        dm = self.datamodule
+        return dm.train_eval_dataset() if split == "train" else dm.val_dataset()
+
+    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (N, D) float32, labels (N,) long)`` of ``split`` on ``device``, rows in dataset order
+        (so indices into them, e.g. a label fraction, are indices into ``dataset(split)`` too)."""
+        if split not in self._features:
+            dataset = self.dataset(split)
+            config = {**self.data_config, "resolved_seed": self.datamodule.seed, "num_images": len(dataset)}
+            key = feature_cache_key(self.checkpoint_sha256, config, split)
+            start = time.perf_counter()
+
+            def compute() -> tuple[torch.Tensor, torch.Tensor]:
+                return extract_features(self.method, self.datamodule.eval_loader(dataset), self.device)
+
+            (x, y), hit = self.cache.get(key, compute, description=f"{split} features, checkpoint {self.checkpoint_sha256}")
+            how = "read from" if hit else "extracted into"
+            print(f"{split}: {len(y)} features of dim {x.shape[1]} {how} {self.cache.path(key)} "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+            self._features[split] = (x.to(self.device), y.to(self.device))
+        return self._features[split]
+
+
+def percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def knn_results(ctx: EvalContext, bank: tuple[torch.Tensor, torch.Tensor], prefix: str = "") -> list[Result]:
+    """kNN of the validation features against ``bank`` for every ``k`` of ``--knn.k``."""
+    (val_x, val_y), options = ctx.features("val"), ctx.options.knn
+    results = []
+    for k in options.k:
+        top1, top5 = knn_accuracy(val_x, val_y, *bank, ctx.num_classes, k, options.temperature)
+        used = min(k, len(bank[1]))
+        results.append(Result(f"{prefix}knn/k={k}", top1, top5, {"k": used, "temperature": options.temperature},
+                               f"cosine, T={options.temperature:g}" + (f", k clipped to {used}" if used != k else "")))
+    return results
+
+
+def linear_result(
+    ctx: EvalContext, train: tuple[torch.Tensor, torch.Tensor], name: str
+) -> tuple[Result, LinearProbeResult]:
+    """Linear probe trained on ``train`` (features, labels) with ``--linear.*``, evaluated on the validation split."""
+    options = ctx.options.linear
+    probe = linear_probe(*train, *ctx.features("val"), ctx.num_classes, options.lrs, options.weight_decays,
+                         options.epochs, options.batch_size, options.holdout_fraction, ctx.options.seed)
+    sweep = {f"lr={lr:g},wd={wd:g}": acc for (lr, wd), acc in probe.sweep.items()}
+    details = {"lr": probe.lr, "weight_decay": probe.weight_decay, "heldout_top1": sweep}
+    return Result(name, probe.top1, probe.top5, details, f"lr {probe.lr:g}, wd {probe.weight_decay:g}"), probe
+
+
+def run_knn(ctx: EvalContext) -> list[Result]:
+    return knn_results(ctx, ctx.features("train"))
+
+
+def run_linear(ctx: EvalContext) -> list[Result]:
+    result, ctx.artifacts["linear"] = linear_result(ctx, ctx.features("train"), "linear")
+    return [result]
+
+
+def run_fractions(ctx: EvalContext) -> list[Result]:
+    """Linear probe and kNN trained on balanced label fractions of the training split, same validation split."""
+    train_x, train_y = ctx.features("train")
+    results = []
+    for fraction in ctx.options.label_fractions:
+        idx = label_fraction_indices(train_y, fraction, ctx.options.seed, ctx.num_classes).to(train_x.device)
+        subset = (train_x[idx], train_y[idx])
+        per_class = images_per_class(len(train_y), ctx.num_classes, fraction)
+        labels = f"{len(idx)} labels ({per_class}/class, seed {ctx.options.seed})"
+        linear, _ = linear_result(ctx, subset, f"{percent(fraction)}/linear")
+        linear.note = f"{labels}, {linear.note}"
+        results.append(linear)
+        for row in knn_results(ctx, subset, prefix=f"{percent(fraction)}/"):
+            row.note = f"{labels}, {row.note}"
+            results.append(row)
+    return results
+
+
+@dataclass(frozen=True)
+class Protocol:
+    run: Callable[[EvalContext], list[Result]]
+    options: Optional[type] = None  # a dataclass, parsed as --<protocol name>.<field>
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "knn": Protocol(run_knn, KNNOptions),
+    "linear": Protocol(run_linear, LinearOptions),
+    "fractions": Protocol(run_fractions),
+}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="ssl-lightning eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_argument("--checkpoint", type=str, required=True, help="a checkpoint of `ssl-lightning fit`")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True,
+                                  help="the labeled datamodule, named as in training configs (class_path, init_args)")
+    parser.add_argument("--output_dir", type=Optional[str], default=None,
+                        help="where metrics.json and report.md go (default runs/eval/<Method>-<checkpoint sha256[:8]>)")
+    parser.add_argument("--protocols", type=list[str], default=["knn", "linear", "fractions"],
+                        help=f"protocols to run, in order; known: {', '.join(PROTOCOLS)}")
+    parser.add_argument("--label_fractions", type=list[float], default=[0.01, 0.1],
+                        help="fractions of the training labels for the semi-supervised protocols (balanced per class)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the label fractions, held-out split and probe")
+    parser.add_argument("--cache_dir", type=str, default="runs/eval/cache", help="where extracted features are cached")
+    parser.add_argument("--device", type=str, default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:1', ...")
+    parser.add_argument("--unsafe_load", type=bool, default=False,
+                        help="load the checkpoint with weights_only=False (arbitrary pickles: trusted files only)")
+    for name, protocol in PROTOCOLS.items():
+        if protocol.options is not None:
+            parser.add_class_arguments(protocol.options, name)
+    return parser
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def labeled_datamodule(datamodule: LightningDataModule) -> SSLDataModule:
+    """``datamodule`` set up, after checking it has images, labels and a validation split."""
+    name = type(datamodule).__name__
+    if not isinstance(datamodule, SSLDataModule):
+        raise ValueError(f"{name} is not an image datamodule (SSLDataModule): evaluation needs labeled images")
+    datamodule.setup("validate")
+    if datamodule.num_classes is None or datamodule.train_eval_dataset() is None or datamodule.val_dataset() is None:
+        raise ValueError(f"{name} has no labels or no validation split: evaluation needs a labeled datamodule")
+    return datamodule
+
+
+def evaluate(options: Namespace) -> dict[str, Any]:
+    """Run ``options.protocols`` on the checkpoint; write ``metrics.json`` and ``report.md``; return the metrics."""
+    unknown = [p for p in options.protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; known: {list(PROTOCOLS)}")
+    method = load_method(options.checkpoint, weights_only=not options.unsafe_load)
+    data_config = options.data.as_dict()
+    options = build_parser().instantiate(options)  # the datamodule and the protocols' option dataclasses
+    datamodule = labeled_datamodule(options.data)
+    device = resolve_device(options.device)
+    sha256 = file_sha256(options.checkpoint)
+    output_dir = Path(options.output_dir or f"runs/eval/{type(method).__name__}-{sha256[:8]}")
+    ctx = EvalContext(method.to(device), datamodule, options, device, output_dir, FeatureCache(options.cache_dir),
+                      sha256, data_config)
+    results = [row for name in options.protocols for row in PROTOCOLS[name].run(ctx)]
+    metrics = {
+        "checkpoint": str(options.checkpoint),
+        "checkpoint_sha256": sha256,
+        "method": type(method).__name__,
+        "datamodule": type(datamodule).__name__,
+        "num_classes": ctx.num_classes,
+        "num_train": len(ctx.dataset("train")),
+        "num_val": len(ctx.dataset("val")),
+        "feature_dim": int(ctx.features("val")[0].shape[1]),
+        "seed": options.seed,
+        "results": {r.name: {"top1": r.top1, "top5": r.top5, **r.details} for r in results},
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    report = markdown_report(metrics, results)
+    (output_dir / "report.md").write_text(report)
+    print(report, f"\nwritten to {output_dir}/metrics.json and {output_dir}/report.md", sep="", flush=True)
+    return metrics
+
+
+def markdown_report(metrics: dict[str, Any], results: list[Result]) -> str:
+    """A title, the setting, and one table row per result."""
+    lines = [
+        f"# {metrics['method']}: {metrics['checkpoint']}",
+        "",
+        f"{metrics['datamodule']}: {metrics['num_train']} training and {metrics['num_val']} validation images, "
+        f"{metrics['num_classes']} classes; {metrics['feature_dim']}-d backbone features; seed {metrics['seed']}.",
+        "",
+        "| Protocol | Top-1 (%) | Top-5 (%) | Details |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {r.name} | {r.top1:.2f} | {r.top5:.2f} | {r.note} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Optional[list[str]] = None) -> dict[str, Any]:
+    """Entry point of ``ssl-lightning eval``: ``args`` are what follows ``eval`` (default ``sys.argv[1:]``)."""
+    parser = build_parser()
+    options = parser.parse_args(sys.argv[1:] if args is None else args)
+    try:
+        return evaluate(options)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"ssl-lightning eval: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
