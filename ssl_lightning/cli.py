@@ -68,6 +68,11 @@ def main(args: Optional[list[str]] = None) -> None:
 
         eval_main(argv[1:])
         return
+    if argv[:1] == ["export"]:
+        from ssl_lightning.eval.export import main as export_main
+
+        export_main(argv[1:])
+        return
     run_cli(args)
 
 
