@@ -23,6 +23,7 @@ from ssl_lightning.eval.export import (
     load_exported_model,
     read_card,
 )
+from ssl_lightning.eval.plots import umap_available
 from ssl_lightning.methods import SSLMethod
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -114,23 +115,32 @@ def test_backbones_without_plain_equivalent_give_clear_errors(tmp_path: Path) ->
         export_backbone(nn.Linear(2, 2), tmp_path / "out")
 
 
-def test_export_command_from_a_fit_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_fit_eval_with_plots_then_export_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The user's path: fit a checkpoint, `ssl-lightning eval --plots true`, export with its metrics.json."""
     monkeypatch.chdir(tmp_path)
+    data = ["--data=SyntheticData", "--data.init_args.num_samples=16", "--data.init_args.num_val_samples=24",
+            "--data.init_args.num_classes=3", "--data.init_args.batch_size=8", "--data.init_args.image_size=16",
+            "--data.init_args.num_workers=0", "--data.init_args.views.size=16"]
     main(["fit", f"--config={CONFIGS / 'simclr_bundled.yaml'}", "--model.init_args.backbone_kwargs={}",
-          "--model.init_args.projection_hidden_dim=16", "--model.init_args.projection_dim=8",
-          "--data=SyntheticData", "--data.init_args.num_samples=8", "--data.init_args.batch_size=4",
-          "--data.init_args.image_size=16", "--data.init_args.num_workers=0", "--trainer.max_steps=1",
-          "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.devices=1"])
+          "--model.init_args.projection_hidden_dim=16", "--model.init_args.projection_dim=8", *data,
+          "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.devices=1"])
     checkpoint = next(tmp_path.rglob("last.ckpt"))
-    metrics = {"datamodule": "SyntheticData", "num_val": 8, "results": {"knn/k=20": {"top1": 12.5, "top5": 50.0, "k": 20}}}
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))  # as `ssl-lightning eval` writes it
-    main(["export", f"--checkpoint={checkpoint}", "--output_dir=export", "--metrics=metrics.json"])
-    assert "exported" in capsys.readouterr().out
+    main(["eval", f"--checkpoint={checkpoint}", *data, "--output_dir=eval", "--cache_dir=cache", "--device=cpu",
+          "--protocols=[knn, linear]", "--knn.k=[5]", "--linear.lrs=[0.1]", "--linear.weight_decays=[0.0]",
+          "--linear.epochs=2", "--plots=true"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    expected = ["tsne.png", *(["umap.png"] if umap_available() else []), "confusion.png"]
+    assert [Path(path).name for path in metrics["plots"]] == expected
+    for name in ("tsne.png", "confusion.png"):
+        assert (tmp_path / "eval" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    main(["export", f"--checkpoint={checkpoint}", "--output_dir=export", "--metrics=eval/metrics.json"])
+    assert "exported" in capsys.readouterr().out
     card = read_card(tmp_path / "export")
     assert card["method"] == "ssl_lightning.methods.simclr.SimCLR" and card["global_step"] == 1
     assert card["metrics"] == metrics and "SyntheticData" in card["data"]
-    assert "| knn/k=20 | 12.5 | 50 |" in (tmp_path / "export" / CARD_FILE).read_text()
+    linear = metrics["results"]["linear"]
+    assert f"| linear | {linear['top1']:.4g} | {linear['top5']:.4g} |" in (tmp_path / "export" / CARD_FILE).read_text()
     from ssl_lightning.eval.checkpoint import load_method
 
     method, model = load_method(checkpoint), load_exported_model(tmp_path / "export")

@@ -32,6 +32,7 @@ from ssl_lightning.eval.features import extract_features
 from ssl_lightning.eval.knn import knn_accuracy
 from ssl_lightning.eval.label_fractions import images_per_class, label_fraction_indices
 from ssl_lightning.eval.linear_probe import LinearProbeResult, linear_probe
+from ssl_lightning.eval.plots import write_eval_plots
 from ssl_lightning.methods import SSLMethod
 
 
@@ -198,6 +199,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the label fractions, held-out split and probe")
     parser.add_argument("--cache_dir", type=str, default="runs/eval/cache", help="where extracted features are cached")
     parser.add_argument("--device", type=str, default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:1', ...")
+    parser.add_argument("--plots", type=bool, default=False,
+                        help="write plots/tsne.png (and umap.png with umap-learn) of the validation features and "
+                             "plots/confusion.png of the linear probe's validation predictions (if it ran)")
     parser.add_argument("--unsafe_load", type=bool, default=False,
                         help="load the checkpoint with weights_only=False (arbitrary pickles: trusted files only)")
     for name, protocol in PROTOCOLS.items():
@@ -250,12 +254,25 @@ def evaluate(options: Namespace) -> dict[str, Any]:
         "seed": options.seed,
         "results": {r.name: {"top1": r.top1, "top5": r.top5, **r.details} for r in results},
     }
+    if options.plots:
+        metrics["plots"] = [str(path) for path in plots(ctx)]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report = markdown_report(metrics, results)
     (output_dir / "report.md").write_text(report)
     print(report, f"\nwritten to {output_dir}/metrics.json and {output_dir}/report.md", sep="", flush=True)
     return metrics
+
+
+def plots(ctx: EvalContext) -> list[Path]:
+    """t-SNE (UMAP with umap-learn) of the validation features by class; the confusion matrix of the linear
+    probe's validation predictions when the ``linear`` protocol ran."""
+    val_x, val_y = ctx.features("val")
+    probe = ctx.artifacts.get("linear")
+    with torch.no_grad():
+        predictions = probe.head(val_x).argmax(1) if probe is not None else None
+    return write_eval_plots(val_x, val_y, ctx.output_dir / "plots", predictions, getattr(ctx.datamodule, "classes", None),
+                            ctx.num_classes, seed=ctx.options.seed)
 
 
 def markdown_report(metrics: dict[str, Any], results: list[Result]) -> str:
