@@ -93,6 +93,10 @@ def test_timm_vit_round_trip(tmp_path: Path) -> None:
     model = round_trip(method, tmp_path, torch.randn(2, 3, 32, 32))
     assert isinstance(model, timm.models.VisionTransformer)
     assert read_card(tmp_path)["model_kwargs"]["img_size"] == 32
+    if getattr(method.backbone.model, "dynamic_img_size", False):  # other image sizes behave the same too
+        smaller = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(model(smaller), method.backbone(smaller), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
