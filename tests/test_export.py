@@ -151,5 +151,7 @@ def test_fit_eval_with_plots_then_export_command(tmp_path: Path, monkeypatch: py
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(images), method(images), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="not a readable JSON"):
+    with pytest.raises(SystemExit, match="ssl-lightning export: error: --metrics missing.json: not a readable JSON"):
         main(["export", f"--checkpoint={checkpoint}", "--output_dir=export", "--metrics=missing.json"])
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        main(["export", "--checkpoint=missing.ckpt", "--output_dir=export"])

@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -30,6 +31,7 @@ import yaml
 from torch import nn
 
 from ssl_lightning.backbones import _MAE_VITS, _RESNET_LAYOUTS, _VITS, TimmViT, build_backbone
+from ssl_lightning.eval.checkpoint import load_method
 from ssl_lightning.methods.base import SSLMethod
 
 WEIGHTS_FILE = "backbone.pt"
@@ -309,6 +311,25 @@ def _data_from_config(checkpoint: Path) -> Optional[str]:
     return f"`{data['class_path']}` {json.dumps(args)} (from {config})"
 
 
+def export_checkpoint(checkpoint: Union[str, Path], output_dir: Union[str, Path], metrics_file: Optional[str] = None,
+                      data: Optional[str] = None, weights_only: bool = True) -> Path:
+    """``export_backbone`` of the method in a checkpoint of ``ssl-lightning fit``, with the card's epoch, step,
+    data (``data``, else the run's ``config.yaml``) and metrics (a JSON file, e.g. ``ssl-lightning eval``'s)."""
+    metrics = None
+    if metrics_file:
+        try:
+            metrics = json.loads(Path(metrics_file).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--metrics {metrics_file}: not a readable JSON file ({err})") from err
+        if not isinstance(metrics, dict):
+            raise ValueError(f"--metrics {metrics_file}: expected a JSON object of metrics, got {type(metrics).__name__}")
+    checkpoint = Path(checkpoint)
+    method = load_method(checkpoint, weights_only=weights_only)
+    epoch, global_step = _progress(checkpoint, weights_only)
+    return export_backbone(method, output_dir, metrics=metrics, data=data or _data_from_config(checkpoint),
+                           epoch=epoch, global_step=global_step, checkpoint=str(checkpoint))
+
+
 def main(args: Optional[list[str]] = None) -> Path:
     """``ssl-lightning export --checkpoint X --output_dir Y [--metrics metrics.json] [--data TEXT]``."""
     parser = argparse.ArgumentParser(
@@ -321,20 +342,9 @@ def main(args: Optional[list[str]] = None) -> Path:
     parser.add_argument("--data", help="what the backbone was trained on (default: the run's config.yaml data section)")
     parser.add_argument("--unsafe_load", action="store_true", help="load a trusted checkpoint with weights_only=False")
     ns = parser.parse_args(args)
-    from ssl_lightning.eval.checkpoint import load_method  # the eval command's loader
-
-    checkpoint = Path(ns.checkpoint)
-    method = load_method(checkpoint, weights_only=not ns.unsafe_load)
-    metrics = None
-    if ns.metrics:
-        try:
-            metrics = json.loads(Path(ns.metrics).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"--metrics {ns.metrics}: not a readable JSON file ({err})") from err
-        if not isinstance(metrics, dict):
-            raise ValueError(f"--metrics {ns.metrics}: expected a JSON object of metrics, got {type(metrics).__name__}")
-    epoch, global_step = _progress(checkpoint, weights_only=not ns.unsafe_load)
-    out = export_backbone(method, ns.output_dir, metrics=metrics, data=ns.data or _data_from_config(checkpoint),
-                          epoch=epoch, global_step=global_step, checkpoint=str(checkpoint))
+    try:
+        out = export_checkpoint(ns.checkpoint, ns.output_dir, ns.metrics, ns.data, weights_only=not ns.unsafe_load)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"ssl-lightning export: error: {err}")
     print(f"exported {out / WEIGHTS_FILE} and {out / CARD_FILE}")
     return out
