@@ -167,3 +167,36 @@ def test_predict_probabilities_under_ddp_scores_every_item_once_in_order() -> No
     assert labels.tolist() == list(range(7)) == expected_labels.tolist()
     torch.testing.assert_close(probabilities, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(7))
+
+
+def test_eval_command_finetune_and_pseudo_label_protocols(tmp_path, monkeypatch) -> None:
+    """``ssl-lightning eval --protocols [finetune, pseudo_label]`` on a 2-step SimCLR checkpoint: one row per
+    label fraction (and all labels), the head taken from the probe of the same labels."""
+    import json
+    from pathlib import Path
+
+    from ssl_lightning.cli import main as cli_main
+    from ssl_lightning.cli import run_cli
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)
+    data = ["--data=SyntheticData", "--data.init_args.num_samples=48", "--data.init_args.num_val_samples=16",
+            "--data.init_args.image_size=16", "--data.init_args.num_classes=4", "--data.init_args.batch_size=16",
+            "--data.init_args.num_workers=0", "--data.init_args.views.size=16"]
+    fit = run_cli(["fit", f"--config={configs / 'simclr_bundled.yaml'}", "--trainer.max_steps=2",
+                   "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.logger=false",
+                   "--trainer.callbacks=[{class_path: ModelCheckpoint, init_args: {save_last: true, save_top_k: 0}}]",
+                   "--model.init_args.backbone=cifar_resnet18", "--model.init_args.backbone_kwargs={base_width: 4}", *data])
+    cli_main(["eval", f"--config={configs / 'eval' / 'bundled.yaml'}", f"--checkpoint={fit.trainer.checkpoint_callback.last_model_path}",
+              *data, "--output_dir=out", "--cache_dir=cache", "--device=cpu", "--protocols=[finetune, pseudo_label]",
+              "--label_fractions=[0.25]", "--linear.lrs=[0.1]", "--linear.weight_decays=[0.0]", "--linear.epochs=2",
+              "--finetune.epochs=1", "--finetune.batch_size=8", "--finetune.head_from_probe=true",
+              "--finetune.all_labels=true", "--pseudo_label.threshold=0.2"])
+    results = json.loads((tmp_path / "out" / "metrics.json").read_text())["results"]
+    assert list(results) == ["25%/finetune", "finetune", "25%/pseudo_label/before", "25%/pseudo_label/after"]
+    assert results["25%/finetune"]["num_train"] == 12 and results["finetune"]["num_train"] == 48
+    assert results["25%/finetune"]["head_from_probe"] is True
+    after = results["25%/pseudo_label/after"]
+    assert (after["num_labeled"], after["num_unlabeled"], after["threshold"]) == (12, 36, 0.2)
+    assert 0 <= after["num_kept"] <= 36 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in results.values())
+    assert "| 25%/pseudo_label/after |" in (tmp_path / "out" / "report.md").read_text()

@@ -5,7 +5,9 @@
 Features (``method(images)``: the backbone's) of the labeled training split (``train_eval_dataset()``) and of
 the validation split (``val_dataset()``) are extracted once and cached on disk (``eval.cache``); the
 protocols then run on them: weighted kNN, a linear probe with a swept learning rate, and both on balanced
-label fractions (semi-supervised). ``metrics.json`` and ``report.md`` are written to ``output_dir``.
+label fractions (semi-supervised). Two protocols train the whole network on the images instead, on those
+fractions: ``finetune`` and ``pseudo_label`` (fine-tune, pseudo-label the confident rest, retrain).
+``metrics.json`` and ``report.md`` are written to ``output_dir``.
 
 A protocol is a function ``EvalContext -> list[Result]`` registered in ``PROTOCOLS`` with an optional
 dataclass of its settings (parsed as ``--<name>.<field>``).
@@ -22,17 +24,19 @@ from typing import Any, Callable, Optional
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, seed_everything
 
 import ssl_lightning.datamodules  # noqa: F401  (configs name datamodules by short name)
 from ssl_lightning.datamodules import SSLDataModule
 from ssl_lightning.eval.cache import FeatureCache, feature_cache_key, file_sha256
 from ssl_lightning.eval.checkpoint import load_method
 from ssl_lightning.eval.features import extract_features
+from ssl_lightning.eval.finetune import FineTuneConfig, finetune
 from ssl_lightning.eval.knn import knn_accuracy
 from ssl_lightning.eval.label_fractions import images_per_class, label_fraction_indices
 from ssl_lightning.eval.linear_probe import LinearProbeResult, linear_probe
 from ssl_lightning.eval.plots import write_eval_plots
+from ssl_lightning.eval.pseudo_label import pseudo_label_refinement
 from ssl_lightning.methods import SSLMethod
 
 
@@ -162,12 +166,99 @@ def run_fractions(ctx: EvalContext) -> list[Result]:
         subset = (train_x[idx], train_y[idx])
         per_class = images_per_class(len(train_y), ctx.num_classes, fraction)
         labels = f"{len(idx)} labels ({per_class}/class, seed {ctx.options.seed})"
-        linear, _ = linear_result(ctx, subset, f"{percent(fraction)}/linear")
+        linear, ctx.artifacts[f"{percent(fraction)}/linear"] = linear_result(ctx, subset, f"{percent(fraction)}/linear")
         linear.note = f"{labels}, {linear.note}"
         results.append(linear)
         for row in knn_results(ctx, subset, prefix=f"{percent(fraction)}/"):
             row.note = f"{labels}, {row.note}"
             results.append(row)
+    return results
+
+
+@dataclass
+class FinetuneOptions(FineTuneConfig):
+    """Whole-network fine-tuning (``eval.finetune``, SimCLR's semi-supervised recipe by default) on each
+    ``--label_fractions`` subset, and on all labels with ``all_labels``; ``--finetune.*`` also sets the
+    recipe of ``pseudo_label``. ``head_from_probe`` starts the head from a linear probe trained on the same
+    labels (reused from ``linear``/``fractions`` when they ran first). Runs on ``--device`` at ``precision``."""
+
+    head_from_probe: bool = False
+    all_labels: bool = False
+    precision: str = "32-true"
+
+
+@dataclass
+class PseudoLabelOptions:
+    """Pseudo-label refinement (``eval.pseudo_label``) from each ``--label_fractions`` subset: images of the
+    rest of the training split predicted with probability >= ``threshold`` join the labeled ones."""
+
+    threshold: float = 0.9
+
+
+def labeled_subsets(ctx: EvalContext, all_labels: bool = False) -> list[tuple[str, Optional[torch.Tensor]]]:
+    """``(name prefix, indices into the training split or None for all)`` per label fraction (and all labels)."""
+    train_y = ctx.features("train")[1].cpu()
+    subsets: list[tuple[str, Optional[torch.Tensor]]] = [
+        (f"{percent(f)}/", label_fraction_indices(train_y, f, ctx.options.seed, ctx.num_classes))
+        for f in ctx.options.label_fractions
+    ]
+    return subsets + ([("", None)] if all_labels else [])
+
+
+def probe_head(ctx: EvalContext, prefix: str, indices: Optional[torch.Tensor]) -> torch.nn.Linear:
+    """The head of the linear probe trained on the same labels (``prefix + "linear"``), trained if absent."""
+    key = f"{prefix}linear"
+    if key not in ctx.artifacts:
+        train_x, train_y = ctx.features("train")
+        subset = (train_x, train_y) if indices is None else (train_x[indices.to(ctx.device)], train_y[indices.to(ctx.device)])
+        _, ctx.artifacts[key] = linear_result(ctx, subset, key)
+    return ctx.artifacts[key].head
+
+
+def finetune_args(ctx: EvalContext, prefix: str, indices: Optional[torch.Tensor]) -> dict[str, Any]:
+    """Keyword arguments shared by ``finetune`` and ``pseudo_label_refinement`` (seeded per subset)."""
+    seed_everything(ctx.options.seed, workers=True, verbose=False)
+    options: FinetuneOptions = ctx.options.finetune
+    gpu = ctx.device.type == "cuda"
+    trainer_kwargs = dict(accelerator="gpu" if gpu else "cpu", devices=[ctx.device.index or 0] if gpu else 1,
+                          precision=options.precision, enable_progress_bar=False)
+    head = probe_head(ctx, prefix, indices) if options.head_from_probe else None
+    return dict(config=options, head_init=head, trainer_kwargs=trainer_kwargs)
+
+
+def finetune_note(options: FinetuneOptions, num_train: int) -> str:
+    note = f"{num_train} images, {options.optimizer} lr {options.lr:g}/256, {options.epochs} epochs"
+    note += f", layer decay {options.layer_decay:g}" if options.layer_decay is not None else ""
+    return note + (", head from the probe" if options.head_from_probe else "")
+
+
+def run_finetune(ctx: EvalContext) -> list[Result]:
+    """Fine-tune the whole network on each labeled subset, evaluate on the validation split."""
+    options, results = ctx.options.finetune, []
+    for prefix, indices in labeled_subsets(ctx, options.all_labels):
+        tuned = finetune(ctx.method.backbone, ctx.datamodule, indices, **finetune_args(ctx, prefix, indices))
+        details = {"num_train": tuned.num_train, "epochs": options.epochs, "optimizer": options.optimizer,
+                   "lr": options.lr, "layer_decay": options.layer_decay, "head_from_probe": options.head_from_probe}
+        results.append(Result(f"{prefix}finetune", tuned.top1, tuned.top5, details, finetune_note(options, tuned.num_train)))
+    return results
+
+
+def run_pseudo_label(ctx: EvalContext) -> list[Result]:
+    """Fine-tune on each label fraction, pseudo-label the confident rest, retrain from the pretrained weights."""
+    threshold, results = ctx.options.pseudo_label.threshold, []
+    for prefix, indices in labeled_subsets(ctx):
+        out = pseudo_label_refinement(ctx.method.backbone, ctx.datamodule, indices, threshold,
+                                      **finetune_args(ctx, prefix, indices))
+        kept = f"kept {out.num_kept}/{out.num_unlabeled} at p>={threshold:g}"
+        kept += f" ({out.kept_accuracy:.1f}% correct)" if out.kept_accuracy is not None else ""
+        details = {"threshold": threshold, "num_labeled": out.num_labeled, "num_unlabeled": out.num_unlabeled,
+                   "num_kept": out.num_kept, "kept_accuracy": out.kept_accuracy}
+        results += [
+            Result(f"{prefix}pseudo_label/before", out.before.top1, out.before.top5, {"num_train": out.before.num_train},
+                   finetune_note(ctx.options.finetune, out.before.num_train)),
+            Result(f"{prefix}pseudo_label/after", out.after.top1, out.after.top5, details,
+                   f"{kept}; retrained from the pretrained weights on {out.after.num_train} images"),
+        ]
     return results
 
 
@@ -181,6 +272,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "knn": Protocol(run_knn, KNNOptions),
     "linear": Protocol(run_linear, LinearOptions),
     "fractions": Protocol(run_fractions),
+    "finetune": Protocol(run_finetune, FinetuneOptions),
+    "pseudo_label": Protocol(run_pseudo_label, PseudoLabelOptions),
 }
 
 
