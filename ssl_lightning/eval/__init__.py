@@ -2,10 +2,12 @@
 
 from ssl_lightning.eval.cache import FeatureCache, feature_cache_key, file_sha256
 from ssl_lightning.eval.features import extract_features
+from ssl_lightning.eval.finetune import FineTuneClassifier, FineTuneConfig, FineTuneResult, finetune
 from ssl_lightning.eval.knn import knn_accuracy, knn_predict, knn_top1
 from ssl_lightning.eval.label_fractions import label_fraction_indices
 from ssl_lightning.eval.linear_probe import LinearProbeResult, linear_probe, train_linear, train_linear_grid
 from ssl_lightning.eval.metrics import topk_accuracy
+from ssl_lightning.eval.pseudo_label import PseudoLabelResult, pseudo_label_refinement, select_confident
 
 # ``checkpoint`` and ``command`` import the methods (which import the callbacks, which import this package):
 # import them as ``ssl_lightning.eval.checkpoint`` / ``ssl_lightning.eval.command``.
@@ -14,6 +16,10 @@ __all__ = [
     "feature_cache_key",
     "file_sha256",
     "extract_features",
+    "FineTuneClassifier",
+    "FineTuneConfig",
+    "FineTuneResult",
+    "finetune",
     "knn_accuracy",
     "knn_predict",
     "knn_top1",
@@ -23,4 +29,7 @@ __all__ = [
     "train_linear",
     "train_linear_grid",
     "topk_accuracy",
+    "PseudoLabelResult",
+    "pseudo_label_refinement",
+    "select_confident",
 ]
