@@ -151,6 +151,10 @@ def test_pseudo_label_refinement_retrains_on_labeled_and_confident_images() -> N
     assert result.kept_accuracy == pytest.approx(expected_accuracy)
     assert result.before.num_train == 8 and result.after.num_train == 8 + result.num_kept
     assert 0.0 <= result.before.top1 <= 100.0 and 0.0 <= result.after.top1 <= 100.0
+    # nothing reaches the threshold: no retraining, the first model is the result
+    none_kept = pseudo_label_refinement(tiny_resnet(), data, labeled, threshold=1.0,
+                                        config=FineTuneConfig(epochs=1, batch_size=16), trainer_kwargs=TRAINER)
+    assert none_kept.num_kept == 0 and none_kept.kept_accuracy is None and none_kept.after is none_kept.before
 
 
 def _predict_on_ranks(rank: int, world_size: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,7 +257,8 @@ def run_pseudo_label(ctx: EvalContext) -> list[Result]:
             Result(f"{prefix}pseudo_label/before", out.before.top1, out.before.top5, {"num_train": out.before.num_train},
                    finetune_note(ctx.options.finetune, out.before.num_train)),
             Result(f"{prefix}pseudo_label/after", out.after.top1, out.after.top5, details,
-                   f"{kept}; retrained from the pretrained weights on {out.after.num_train} images"),
+                   f"{kept}; " + (f"retrained from the pretrained weights on {out.after.num_train} images"
+                                  if out.num_kept else "nothing to retrain on (the 'before' model)")),
         ]
     return results
 

@@ -64,7 +64,8 @@ def refinement_set(source: Dataset, labeled: torch.Tensor, kept: torch.Tensor, p
 class PseudoLabelResult:
     """Accuracy before (labeled images only) and after refinement, and what the pseudo-labelling kept.
 
-    ``kept_accuracy`` is the percent of kept pseudo-labels equal to the true label (None if none was kept).
+    ``kept_accuracy`` is the percent of kept pseudo-labels equal to the true label. When no image is kept
+    there is no retraining: ``after`` is ``before`` and ``kept_accuracy`` is None.
     """
 
     before: FineTuneResult
@@ -108,7 +109,9 @@ def pseudo_label_refinement(
     )
     before.model.cpu()  # free the device for the second run
     keep, pseudo_labels = select_confident(probabilities, threshold)
-    kept_accuracy = (pseudo_labels == true_labels[keep]).float().mean().item() * 100.0 if keep.numel() else None
+    if keep.numel() == 0:  # retraining on the same labels would only repeat the first run with other noise
+        return PseudoLabelResult(before, before, threshold, labeled.numel(), unlabeled.numel(), 0, None)
+    kept_accuracy = (pseudo_labels == true_labels[keep]).float().mean().item() * 100.0
     after = fit_classifier(
         backbone, refinement_set(train, labeled, unlabeled[keep], pseudo_labels), datamodule, config, head_init, trainer_kwargs
     )
