@@ -26,7 +26,9 @@ class SwAV(SSLMethod):
         num_prototypes: K, the prototypes (3000 on ImageNet), a linear layer without bias whose rows are
             kept unit-norm: normalized at construction and after every optimizer step.
         temperature: of the softmax over prototype scores in the swapped prediction (0.1).
-        epsilon, sinkhorn_iterations: Sinkhorn-Knopp's entropy weight (0.05) and iterations (3).
+        epsilon, sinkhorn_iterations: Sinkhorn-Knopp's entropy weight (0.05) and iterations (3). A loss that
+            stays at ln K means nearly uniform codes and a collapsed run: a lower epsilon (0.03) sharpens
+            the codes (the official README's remedy; the bundled CIFAR-10 subset needs it).
         crops_for_assign: the crops whose codes are predicted (the two global views, ``[0, 1]``).
         freeze_prototypes_steps: optimizer steps during which the prototypes get no update (313 on ImageNet,
             one epoch): their gradient is dropped (``None``, as the paper's code), so neither the
