@@ -213,6 +213,12 @@ def test_eval_command_end_to_end_reuses_cached_features(
     assert "read from" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == first
 
+    cli_main([*args, "--logger=CSVLogger", "--logger.init_args.save_dir=logs", "--logger.init_args.name=eval"])
+    logged = (tmp_path / "logs" / "eval" / "version_0" / "metrics.csv").read_text().splitlines()
+    row = dict(zip(logged[0].split(","), logged[1].split(",")))
+    assert float(row["eval/linear/top1"]) == pytest.approx(first["results"]["linear"]["top1"])
+    assert float(row["eval/10%/knn/k=200/top5"]) == pytest.approx(first["results"]["10%/knn/k=200"]["top5"])
+
     with pytest.raises(SystemExit, match="SyntheticData has no labels"):
         cli_main([*args, "--data.init_args.labeled=false"])
     with pytest.raises(SystemExit, match="unknown protocol"):

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, seed_everything
+from lightning.pytorch.loggers import Logger
 
 import ssl_lightning.datamodules  # noqa: F401  (configs name datamodules by short name)
 from ssl_lightning.datamodules import SSLDataModule
@@ -296,6 +297,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--plots", type=bool, default=False,
                         help="write plots/tsne.png (and umap.png with umap-learn) of the validation features and "
                              "plots/confusion.png of the linear probe's validation predictions (if it ran)")
+    parser.add_subclass_arguments(Logger, "logger", required=False,
+                                  help="a Lightning logger (e.g. TensorBoardLogger, WandbLogger) that also receives the "
+                                       "metrics and the plots")
     parser.add_argument("--unsafe_load", type=bool, default=False,
                         help="load the checkpoint with weights_only=False (arbitrary pickles: trusted files only)")
     for name, protocol in PROTOCOLS.items():
@@ -349,7 +353,9 @@ def evaluate(options: Namespace) -> dict[str, Any]:
         "results": {r.name: {"top1": r.top1, "top5": r.top5, **r.details} for r in results},
     }
     if options.plots:
-        metrics["plots"] = [str(path) for path in plots(ctx)]
+        metrics["plots"] = [str(path) for path in plots(ctx, options.logger)]
+    if options.logger is not None:
+        log_metrics(options.logger, metrics)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report = markdown_report(metrics, results)
@@ -358,7 +364,15 @@ def evaluate(options: Namespace) -> dict[str, Any]:
     return metrics
 
 
-def plots(ctx: EvalContext) -> list[Path]:
+def log_metrics(logger: Logger, metrics: dict[str, Any]) -> None:
+    """Top-1 and top-5 of every result as ``eval/<protocol>/top1`` (and ``top5``) scalars, then flush."""
+    scalars = {f"eval/{name}/{key}": row[key] for name, row in metrics["results"].items() for key in ("top1", "top5")}
+    logger.log_metrics(scalars, step=0)
+    logger.save()
+    logger.finalize("success")
+
+
+def plots(ctx: EvalContext, logger: Optional[Logger] = None) -> list[Path]:
     """t-SNE (UMAP with umap-learn) of the validation features by class; the confusion matrix of the linear
     probe's validation predictions when the ``linear`` protocol ran."""
     val_x, val_y = ctx.features("val")
@@ -366,7 +380,7 @@ def plots(ctx: EvalContext) -> list[Path]:
     with torch.no_grad():
         predictions = probe.head(val_x).argmax(1) if probe is not None else None
     return write_eval_plots(val_x, val_y, ctx.output_dir / "plots", predictions, getattr(ctx.datamodule, "classes", None),
-                            ctx.num_classes, seed=ctx.options.seed)
+                            ctx.num_classes, logger=logger, seed=ctx.options.seed)
 
 
 def markdown_report(metrics: dict[str, Any], results: list[Result]) -> str:
