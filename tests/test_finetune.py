@@ -204,3 +204,20 @@ def test_eval_command_finetune_and_pseudo_label_protocols(tmp_path, monkeypatch)
     assert (after["num_labeled"], after["num_unlabeled"], after["threshold"]) == (12, 36, 0.2)
     assert 0 <= after["num_kept"] <= 36 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in results.values())
     assert "| 25%/pseudo_label/after |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_finetune_eval_config_parses_as_an_overlay() -> None:
+    from pathlib import Path
+
+    from ssl_lightning.eval.command import build_parser
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "eval"
+    parser = build_parser()
+    options = parser.parse_args([f"--config={configs / 'bundled.yaml'}", f"--config={configs / 'finetune.yaml'}",
+                                 "--checkpoint=x.ckpt", "--finetune.layer_decay=0.75"])
+    assert options.protocols == ["linear", "fractions", "finetune", "pseudo_label"]
+    assert options.data.class_path.endswith("BundledCIFAR10")
+    finetune_options = parser.instantiate_classes(options).finetune
+    assert isinstance(finetune_options, FineTuneConfig)
+    assert (finetune_options.epochs, finetune_options.lr, finetune_options.layer_decay) == (30, 0.05, 0.75)
+    assert finetune_options.crop_scale == (0.08, 1.0) and options.pseudo_label.threshold == 0.9
