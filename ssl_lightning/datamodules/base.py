@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from ssl_lightning.transforms import BatchedViews, SimCLRViews, eval_transform
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -119,6 +120,8 @@ class SSLDataModule(LightningDataModule):
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     num_classes: Optional[int] = None
+    #: class names in label order, where the data has them (plots use them)
+    classes: Optional[tuple[str, ...]] = None
 
     def __init__(
         self,

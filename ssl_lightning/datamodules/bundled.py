@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.io import decode_jpeg
 
-from ssl_lightning.datamodules.base import SSLDataModule, TensorImages
+from ssl_lightning.datamodules.base import CIFAR10_CLASSES, SSLDataModule, TensorImages
 
 ASSET = "cifar10_subset.npz"
 
@@ -26,6 +26,7 @@ class BundledCIFAR10(SSLDataModule):
     """A balanced CIFAR-10 subset bundled with the package (see ``assets/README.md``)."""
 
     num_classes = 10
+    classes = CIFAR10_CLASSES
 
     @cached_property
     def _splits(self) -> dict[str, TensorImages]:

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from ssl_lightning.datamodules.base import SSLDataModule, TensorImages
+from ssl_lightning.datamodules.base import CIFAR10_CLASSES, SSLDataModule, TensorImages
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -47,6 +47,7 @@ class CIFAR10(_TorchvisionCIFAR):
     """CIFAR-10: 50,000 training and 10,000 test images of 10 classes, 32x32."""
 
     num_classes = 10
+    classes = CIFAR10_CLASSES
 
 
 class CIFAR100(_TorchvisionCIFAR):
