@@ -55,6 +55,16 @@ def test_head_is_weight_normalized_with_a_fixed_norm() -> None:
     assert DINOHead(12, 20, 16, 8, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_head_with_batchnorm_after_each_hidden_layer() -> None:
+    head = DINOHead(12, out_dim=20, hidden_dim=16, bottleneck_dim=8, use_bn=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    model = tiny_dino(use_bn_in_head=True)
+    assert [type(m) for m in model.teacher_head.mlp] == [type(m) for m in model.head.mlp]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.teacher_head.modules()) == 2
+    assert step(model, crops(batch=4, num_local=2))["loss"].isfinite()
+
+
 def test_teacher_starts_as_a_frozen_copy_and_sees_only_the_global_crops() -> None:
     model = tiny_dino()
     for online, target in [("backbone", "teacher_backbone"), ("head", "teacher_head")]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssl_lightning.distributed import all_reduce_mean_, gather_no_grad
-from ssl_lightning.losses import dino_loss, teacher_temperature, update_center_
+from ssl_lightning.losses import dino_loss, teacher_entropy, teacher_temperature, update_center_
 from tests.ddp_utils import run_distributed
 
 
@@ -45,6 +45,29 @@ def test_loss_matches_a_loop_over_crop_pairs() -> None:
     assert all(t.grad is None for t in teacher)  # no gradient into the teacher
     with pytest.raises(ValueError, match="shape"):
         dino_loss(student + [torch.randn(3, 6)], teacher, center, 0.1, 0.04)
+
+
+def test_teacher_entropy_is_log_k_at_uniform_collapse_and_the_loss_minus_it_is_the_kl() -> None:
+    torch.manual_seed(0)
+    student = [torch.randn(3, 5) for _ in range(4)]
+    teacher = [torch.randn(3, 5) * 0.1 for _ in range(2)]
+    center, tau_s, tau_t = torch.randn(1, 5) * 0.1, 0.1, 0.04
+    entropy = teacher_entropy(torch.cat(teacher), center, tau_t)
+    kl, entropies, pairs = 0.0, [], 0
+    for g, t in enumerate(teacher):
+        for b in range(t.shape[0]):
+            p_t = [float(x) for x in torch.softmax((t[b] - center[0]) / tau_t, dim=0)]
+            entropies.append(-sum(p * np.log(p) for p in p_t))
+            for v, s in enumerate(student):
+                if v != g:
+                    p_s = [float(x) for x in torch.softmax(s[b] / tau_s, dim=0)]
+                    kl, pairs = kl + sum(p * np.log(p / q) for p, q in zip(p_t, p_s)), pairs + 1
+    assert float(entropy) == pytest.approx(np.mean(entropies), rel=1e-5)
+    assert float(dino_loss(student, teacher, center, tau_s, tau_t) - entropy) == pytest.approx(kl / pairs, rel=1e-4)
+    # every sample's output equal to the center: the uniform distribution (DINO's uniform collapse)
+    assert float(teacher_entropy(center.expand(4, 5), center, tau_t)) == pytest.approx(np.log(5))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        teacher_entropy(torch.randn(4, 6), center, tau_t)
 
 
 def test_center_is_an_ema_of_the_batch_mean() -> None:

@@ -53,6 +53,23 @@ def dino_loss(
 
 
 @torch.no_grad()
+def teacher_entropy(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temperature: float) -> torch.Tensor:
+    """Mean entropy of the teacher's ``P_t = softmax((g_t - C) / tau_t)`` over the rows of ``teacher_logits`` (N, K).
+
+    The paper's collapse diagnostic (sec. 5.3, fig. 7): ``log K`` when the teacher collapses to the uniform
+    distribution, 0 when it collapses to one dimension. ``dino_loss`` minus this (same center, every teacher crop
+    paired with the same number of student crops) is the mean ``KL(P_t || P_s)``, which falls to 0 in both collapses.
+    """
+    if teacher_logits.ndim != 2 or teacher_logits.shape[1] != center.numel():
+        raise ValueError(
+            f"teacher_logits must be (N, K={center.numel()}) for a center of shape {tuple(center.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    logits = (teacher_logits.float() - center.reshape(1, -1)) / teacher_temperature
+    return -(F.softmax(logits, dim=-1) * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
 def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
     """``C <- m C + (1 - m) mean of the teacher outputs over the global batch`` (eq. 4), in place.
 

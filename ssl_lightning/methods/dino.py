@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from ssl_lightning.callbacks.momentum import MomentumUpdate
-from ssl_lightning.losses import dino_loss, teacher_temperature, update_center_
+from ssl_lightning.losses import dino_loss, teacher_entropy, teacher_temperature, update_center_
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import DINOHead
 from ssl_lightning.optim import clip_grad_norm_per_parameter_, cosine_schedule
@@ -21,8 +21,9 @@ NUM_GLOBAL_CROPS = 2  # batch["views"][:2] are the global crops, the rest local 
 
 class DINO(SSLMethod):
     """Args (besides ``SSLMethod``'s):
-        out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer: the DINO head (K = 65536 outputs,
-            3 layers 2048 -> 256, weight-normalized last layer with its norm fixed at 1).
+        out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer, use_bn_in_head: the DINO head
+            (K = 65536 outputs, 3 layers 2048 -> 256, weight-normalized last layer with its norm fixed at 1, no
+            BatchNorm: the ViT setting).
         student_temperature: ``tau_s`` (0.1).
         teacher_temperature, warmup_teacher_temperature, warmup_teacher_temperature_epochs: ``tau_t``, linear
             from 0.04 to 0.07 over the first 30 epochs, then constant.
@@ -47,6 +48,7 @@ class DINO(SSLMethod):
         bottleneck_dim: int = 256,
         head_layers: int = 3,
         norm_last_layer: bool = True,
+        use_bn_in_head: bool = False,
         student_temperature: float = 0.1,
         teacher_temperature: float = 0.07,
         warmup_teacher_temperature: float = 0.04,
@@ -82,7 +84,9 @@ class DINO(SSLMethod):
         self.final_weight_decay = final_weight_decay
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.clip_grad = clip_grad
-        self.head = DINOHead(self.backbone.feature_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer)
+        self.head = DINOHead(
+            self.backbone.feature_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer, use_bn_in_head
+        )
         self.teacher_backbone = self.frozen_copy(self.backbone)
         for module in self.teacher_backbone.modules():
             if hasattr(module, "drop_prob"):  # timm's DropPath: the reference teacher has no stochastic depth
@@ -147,7 +151,9 @@ class DINO(SSLMethod):
         teacher = self.teacher(torch.cat(views[:NUM_GLOBAL_CROPS]))
         temperature = self.current_teacher_temperature()
         loss = dino_loss(student, teacher.chunk(NUM_GLOBAL_CROPS), self.center, self.student_temperature, temperature)
+        entropy = teacher_entropy(teacher, self.center, temperature)  # log K: uniform collapse; 0: one-hot
         update_center_(self.center, teacher, self.center_momentum)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/teacher_entropy", entropy, on_step=True, on_epoch=False)
         self.log("train/teacher_temperature", temperature, on_step=True, on_epoch=False)
         return {"loss": loss, "features": features[0].detach()}

@@ -10,8 +10,10 @@ from torch.nn.utils.parametrizations import weight_norm
 
 
 class DINOHead(nn.Module):
-    """``num_layers`` linear layers with GELU (no BatchNorm) from ``in_dim`` through ``hidden_dim`` to
-    ``bottleneck_dim``, L2 normalization, then a weight-normalized linear layer without bias to ``out_dim`` (K).
+    """``num_layers`` linear layers with GELU from ``in_dim`` through ``hidden_dim`` to ``bottleneck_dim``, L2
+    normalization, then a weight-normalized linear layer without bias to ``out_dim`` (K). ``use_bn`` puts a
+    BatchNorm after each hidden linear layer (the reference code's ``use_bn_in_head``, off for ViTs; it spreads
+    the samples of a batch apart, which small ConvNets need against a uniform teacher).
 
     The last layer's weight is ``g * v / ||v||`` per output row (``torch.nn.utils.parametrizations.weight_norm``)
     with ``g`` starting at 1; ``norm_last_layer`` keeps ``g`` fixed at 1 (unit-norm rows, no gradient), which
@@ -26,6 +28,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         num_layers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -35,7 +38,7 @@ class DINOHead(nn.Module):
         for i in range(num_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:
-                layers.append(nn.GELU())
+                layers += [nn.BatchNorm1d(dims[i + 1]), nn.GELU()] if use_bn else [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
         for module in self.mlp.modules():
             if isinstance(module, nn.Linear):  # the reference code's init: truncated normal, zero bias
