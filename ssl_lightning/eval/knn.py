@@ -48,8 +48,7 @@ def knn_top1(
     temperature: float = 0.1,
 ) -> float:
     """Top-1 accuracy of :func:`knn_predict` in percent."""
-    pred = knn_predict(query, bank, bank_labels, num_classes, k, temperature).argmax(dim=1)
-    return (pred == query_labels).float().mean().item() * 100.0
+    return topk_accuracy(knn_predict(query, bank, bank_labels, num_classes, k, temperature), query_labels, 1)
 
 
 def knn_accuracy(
