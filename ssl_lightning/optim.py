@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 @dataclass
@@ -124,6 +127,41 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps in one training epoch: ``ceil(batches / accumulate_grad_batches)``, where ``batches`` is
+    this rank's number of training batches after ``limit_train_batches`` (Lightning steps on an epoch's last
+    batch even when the accumulation is incomplete). Sets up the training loader if it is not set up yet."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        raise ValueError(
+            "a schedule given in epochs needs a training loader with a length; this one has none "
+            "(an iterable dataset): set the warm-up to 0 epochs"
+        )
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def total_optimizer_steps(trainer: pl.Trainer) -> int:
+    """Optimizer steps of the whole run, whether ``trainer.max_epochs`` or ``trainer.max_steps`` (the smaller when
+    both) sets its length: the horizon of every schedule (learning rate, weight decay, EMA momentum)."""
+    total = trainer.estimated_stepping_batches
+    if total == float("inf"):
+        raise ValueError(
+            "the schedules need a finite run: set trainer.max_epochs or trainer.max_steps "
+            f"(got max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})"
+        )
+    return max(1, int(total))
+
+
+def warmup_cosine_steps(trainer: pl.Trainer, warmup_epochs: float) -> tuple[int, int]:
+    """``(warmup_steps, total_steps)`` of a warm-up of ``warmup_epochs`` real epochs in the run ``trainer`` makes."""
+    total = total_optimizer_steps(trainer)
+    if warmup_epochs <= 0:
+        return 0, total
+    return min(total, round(warmup_epochs * steps_per_epoch(trainer))), total
 
 
 def constant_lr(step: int) -> float:

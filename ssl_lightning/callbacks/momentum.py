@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 
+from ssl_lightning.optim import total_optimizer_steps
+
 
 @torch.no_grad()
 def ema_update_(targets: list[torch.Tensor], onlines: list[torch.Tensor], momentum: float) -> None:
@@ -44,7 +46,7 @@ class MomentumUpdate(Callback):
         base_momentum: the momentum of the first step (MoCo 0.999, BYOL 0.996, MoCo v3 0.99).
         final_momentum: the momentum reached at the last step by the cosine schedule.
         schedule: ``"cosine"`` (BYOL, MoCo v3) or ``"constant"`` (MoCo v1/v2), over the optimizer steps
-            of the run (``trainer.estimated_stepping_batches``), not over batches.
+            of the run (``optim.total_optimizer_steps``: ``max_epochs`` or ``max_steps``), not over batches.
 
     An optimizer step happened during a batch when ``trainer.global_step`` moved past the step of the last
     update (Lightning counts steps, not batches, under gradient accumulation). The step of the last update
@@ -97,7 +99,7 @@ class MomentumUpdate(Callback):
         if trainer.global_step == self._last_step:
             return  # accumulating gradients: no optimizer step in this batch
         self._last_step = trainer.global_step
-        step, total = trainer.global_step - 1, int(trainer.estimated_stepping_batches)
+        step, total = trainer.global_step - 1, total_optimizer_steps(trainer)
         momentum = scheduled_momentum(step, total, self.base_momentum, self.final_momentum, self.schedule)
         if self._optimizer_stepped:
             ema_update_(self._targets, self._onlines, momentum)

@@ -31,7 +31,14 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from ssl_lightning.backbones import TimmViT
 from ssl_lightning.datamodules.base import SSLDataModule, TransformedImages
 from ssl_lightning.distributed import gather_variable_length, rank, world_size
-from ssl_lightning.optim import OptimConfig, optimizer_for_groups, param_groups, scaled_lr, warmup_cosine
+from ssl_lightning.optim import (
+    OptimConfig,
+    optimizer_for_groups,
+    param_groups,
+    scaled_lr,
+    warmup_cosine,
+    warmup_cosine_steps,
+)
 from ssl_lightning.transforms import SimCLRViews
 
 # ViT parameters that take no weight decay besides biases and norms (timm's and MAE's ``no_weight_decay``)
@@ -185,8 +192,7 @@ class FineTuneClassifier(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         global_batch = self.config.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         optimizer = self.make_optimizer(global_batch)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = min(total_steps, round(self.config.warmup_epochs * total_steps / max(1, self.trainer.max_epochs)))
+        warmup_steps, total_steps = warmup_cosine_steps(self.trainer, self.config.warmup_epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

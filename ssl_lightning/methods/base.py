@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from ssl_lightning.backbones import build_backbone
-from ssl_lightning.optim import OptimConfig, build_optimizer, constant_lr, warmup_cosine
+from ssl_lightning.optim import OptimConfig, build_optimizer, constant_lr, warmup_cosine, warmup_cosine_steps
 
 
 class SSLMethod(LightningModule):
@@ -112,9 +112,7 @@ class SSLMethod(LightningModule):
         optimizer = build_optimizer(
             self.optim, self.optimized_modules(), self.global_batch_size(), self.fixed_lr_modules()
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(total_steps, round(self.optim.warmup_epochs * steps_per_epoch))
+        warmup_steps, total_steps = warmup_cosine_steps(self.trainer, self.optim.warmup_epochs)
         factor = warmup_cosine(warmup_steps, total_steps, self.optim.min_lr_ratio)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, [constant_lr if group.get("fixed_lr") else factor for group in optimizer.param_groups]

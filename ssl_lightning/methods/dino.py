@@ -14,7 +14,7 @@ from ssl_lightning.callbacks.momentum import MomentumUpdate
 from ssl_lightning.losses import dino_loss, teacher_entropy, teacher_temperature, update_center_
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import DINOHead
-from ssl_lightning.optim import clip_grad_norm_per_parameter_, cosine_schedule
+from ssl_lightning.optim import clip_grad_norm_per_parameter_, cosine_schedule, total_optimizer_steps
 
 NUM_GLOBAL_CROPS = 2  # batch["views"][:2] are the global crops, the rest local crops (multi-crop)
 
@@ -119,7 +119,7 @@ class DINO(SSLMethod):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.final_weight_decay is None:
             return
-        total = int(self.trainer.estimated_stepping_batches)
+        total = total_optimizer_steps(self.trainer)
         weight_decay = cosine_schedule(self.trainer.global_step, total, self.optim.weight_decay, self.final_weight_decay)
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
