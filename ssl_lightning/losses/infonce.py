@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from ssl_lightning.distributed import gather_with_grad, rank
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in a narrower float (bf16/fp16): a bf16 matmul of unit vectors divided by a small
+    temperature puts ~1% errors in the logits' gradients. Float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def infonce_queue_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """MoCo's InfoNCE: query ``q[i]`` against its key ``k[i]`` (positive) and the ``queue`` rows (negatives).
 
@@ -22,12 +28,13 @@ def infonce_queue_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
             f"infonce_queue_loss expects q, k of shape (N, D) and a queue (K, D), got {tuple(q.shape)}, "
             f"{tuple(k.shape)} and {tuple(queue.shape)}"
         )
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    positives = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-    negatives = q @ queue.to(q.dtype).T  # (N, K)
-    logits = torch.cat([positives, negatives], dim=1) / temperature
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
-    return F.cross_entropy(logits, labels)
+    with torch.autocast(q.device.type, enabled=False):  # float32 logits under bf16/fp16 autocast
+        q, k = F.normalize(_float32(q), dim=1), F.normalize(_float32(k), dim=1)
+        positives = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+        negatives = q @ queue.to(q.dtype).T  # (N, K)
+        logits = torch.cat([positives, negatives], dim=1) / temperature
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
+        return F.cross_entropy(logits, labels)
 
 
 def moco_v3_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -39,11 +46,12 @@ def moco_v3_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: floa
     """
     if q.shape != k.shape or q.ndim != 2:
         raise ValueError(f"moco_v3_contrastive_loss expects q and k of one shape (N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    keys = gather_with_grad(k)  # (N_global, D)
-    logits = q @ keys.T / temperature  # (N, N_global)
-    labels = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(logits, labels) * (2 * temperature)
+    with torch.autocast(q.device.type, enabled=False):  # float32 logits under bf16/fp16 autocast
+        q, k = F.normalize(_float32(q), dim=1), F.normalize(_float32(k), dim=1)
+        keys = gather_with_grad(k)  # (N_global, D)
+        logits = q @ keys.T / temperature  # (N, N_global)
+        labels = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
+        return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
 def moco_v3_loss(
