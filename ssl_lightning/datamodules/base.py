@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ssl_lightning.transforms import BatchedViews, SimCLRViews, eval_transform
 
@@ -72,29 +72,73 @@ class TransformedImages(Dataset):
         return {"image": self.transform(image), "label": label}
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random order per epoch drawn from (seed, epoch) alone, so a resumed run sees the same batches.
+class EpochShuffleSampler(DistributedSampler):
+    """This rank's share of a random order per epoch drawn from (seed, epoch) alone, and how far training got
+    into it, so that a run resumed mid-epoch sees the same batches on every rank as an uninterrupted one.
 
-    Lightning calls ``set_epoch`` before each epoch; ``skip`` items of the epoch ``skip_epoch`` are left
-    out once, to continue an epoch that a checkpoint interrupted. Under DDP Lightning uses its own seeded
-    ``DistributedSampler`` instead (exact resume there holds at epoch boundaries).
+    The order of epoch ``e`` is a permutation seeded by (seed, e), cut to a multiple of ``num_replicas``; rank
+    ``r`` takes its items ``r, r + num_replicas, ...`` (the split of ``DistributedSampler(drop_last=True)``).
+    ``advance(n)`` counts the items training has used in the epoch: the datamodule calls it per batch used,
+    not per batch loaded, since loaders run ahead of training. ``state_dict`` is (epoch, items used) and an
+    iterator started after ``load_state_dict`` skips the used items. Lightning calls ``set_epoch`` before each
+    epoch, and keeps a ``DistributedSampler`` of the loader's own under DDP instead of injecting its own.
     """
 
-    def __init__(self, num_items: int, seed: int, skip_epoch: int = 0, skip: int = 0) -> None:
-        self.num_items, self.seed, self.epoch = num_items, seed, 0
-        self.skip_epoch, self.skip = skip_epoch, skip
+    def __init__(self, num_items: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas or num_items < num_replicas:
+            raise ValueError(f"EpochShuffleSampler: rank {rank} of {num_replicas} processes over {num_items} items")
+        super().__init__(range(num_items), num_replicas=num_replicas, rank=rank, seed=seed, drop_last=True)
+        self.num_items, self.used = num_items, 0
+
+    @classmethod
+    def of_rank(cls, trainer: Any, num_items: int, seed: int, position: Optional[dict[str, int]] = None) -> EpochShuffleSampler:
+        """The sampler of ``trainer``'s rank (one process without a trainer), at ``position`` (a ``state_dict``)."""
+        world_size, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+        sampler = cls(num_items, seed, world_size, rank)
+        if position is not None:
+            sampler.load_state_dict(position)
+        return sampler
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch, self.used = epoch, 0
 
-    def __iter__(self):
+    def advance(self, items: int) -> None:
+        self.used += items
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "used": self.used}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch, self.used = int(state_dict["epoch"]), int(state_dict["used"])
+        if self.used >= self.num_samples:  # saved at the end of an epoch: the next one starts
+            self.epoch, self.used = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
-        start = self.skip if self.epoch == self.skip_epoch else 0
-        return iter(order[start:])
+        order = torch.randperm(self.num_items, generator=generator)[: self.total_size]
+        return iter(order[self.rank :: self.num_replicas][self.used :].tolist())
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A training loader over an ``EpochShuffleSampler`` whose position in the epoch is saved in checkpoints.
+
+    Lightning saves the ``state_dict`` of a stateful training loader and does not warn that a mid-epoch resume
+    is inexact. It loads that state only when it builds the loader after restoring the loops, which it does not
+    when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``: the datamodules therefore also
+    keep the position in their own state, restored before the loader is built.
+    """
+
+    sampler: EpochShuffleSampler
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state_dict)
 
 
 def _unchanged(image: torch.Tensor) -> torch.Tensor:
@@ -145,7 +189,8 @@ class SSLDataModule(LightningDataModule):
         self._batched_local = self.views.local_views().batched() if self.views.num_local else None
         self._generator: Optional[torch.Generator] = None
         self._device_batches = 0  # view batches made on the device so far (saved for exact resume)
-        self._epoch, self._epoch_batches = 0, 0  # training batches seen in the current epoch (idem)
+        self._train_loader: Optional[ResumableLoader] = None
+        self._position: Optional[dict[str, int]] = None  # where a resumed run starts in the training order
         self._train: Optional[Dataset] = None
         self._val: Optional[Dataset] = None
         self._bank: Optional[Dataset] = None
@@ -180,12 +225,10 @@ class SSLDataModule(LightningDataModule):
             dataset = ViewsDataset(self._train, self.views.worker_crops())
         else:
             dataset = ViewsDataset(self._train, self.views.per_sample_views())
-        if self.trainer is not None and self.trainer.world_size > 1:
-            return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
-        sampler = EpochShuffleSampler(
-            len(dataset), self.seed, skip_epoch=self._epoch, skip=self._epoch_batches * self.batch_size  # type: ignore[arg-type]
-        )
-        return self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, sampler=sampler)
+        position, self._position = self._position, None
+        sampler = EpochShuffleSampler.of_rank(self.trainer, len(dataset), self.seed, position)  # type: ignore[arg-type]
+        self._train_loader = self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, sampler=sampler)
+        return self._train_loader
 
     def val_dataloader(self) -> Any:
         ds = self.val_dataset()
@@ -204,17 +247,18 @@ class SSLDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is None or not self.trainer.training:
             return batch
-        if self.trainer.current_epoch != self._epoch:
-            self._epoch, self._epoch_batches = self.trainer.current_epoch, 0
-        self._epoch_batches += 1
+        if self._train_loader is not None:
+            self._train_loader.sampler.advance(batch["label"].shape[0])
         return self._device_views(batch) if self.views_on_device else batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"device_batches": self._device_batches, "epoch": self._epoch, "epoch_batches": self._epoch_batches}
+        """The device-view generator's batch count and the position in the training order."""
+        position = self._position if self._train_loader is None else self._train_loader.state_dict()
+        return {"device_batches": self._device_batches, "position": position}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._device_batches = int(state_dict["device_batches"])
-        self._epoch, self._epoch_batches = int(state_dict["epoch"]), int(state_dict["epoch_batches"])
+        self._position = state_dict.get("position")
 
     # ---- evaluation datasets (contract used by the probe and the kNN monitor) -----------------
     def val_dataset(self) -> Optional[Dataset]:
@@ -273,7 +317,7 @@ class SSLDataModule(LightningDataModule):
             raise ValueError(
                 f"{type(self).__name__}: batch_size={batch_size} is larger than the {len(dataset)} training images"  # type: ignore[arg-type]
             )
-        return DataLoader(
+        return (ResumableLoader if isinstance(sampler, EpochShuffleSampler) else DataLoader)(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
