@@ -22,7 +22,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_lightning.datamodules.base import EpochShuffleSampler
+from ssl_lightning.datamodules.base import EpochShuffleSampler, ResumableLoader
 from ssl_lightning.datamodules.tokenizer import SpecialIds, cached_tokenizer, load_tokenizer, special_ids
 from ssl_lightning.transforms.mlm import IGNORE_INDEX, mask_tokens
 
@@ -142,7 +142,8 @@ class TextData(LightningDataModule):
         self._train: Optional[TokenSequences] = None
         self._val: Optional[TokenSequences] = None
         self._device_batches = 0  # training batches masked so far (saved for exact resume)
-        self._epoch, self._epoch_batches = 0, 0  # training batches seen in the current epoch (idem)
+        self._train_loader: Optional[ResumableLoader] = None
+        self._position: Optional[dict[str, int]] = None  # where a resumed run starts in the training order
 
     def _texts(self) -> tuple[list[Path], list[str]]:
         paths = text_files(self.files)
@@ -206,12 +207,12 @@ class TextData(LightningDataModule):
         if len(self._train) < self.batch_size:
             raise ValueError(f"{type(self).__name__}: batch_size={self.batch_size} is larger than the "
                              f"{len(self._train)} training sequences")
-        distributed = self.trainer is not None and self.trainer.world_size > 1  # Lightning adds its sampler
-        # one process: the order depends on (seed, epoch) only; a resumed epoch skips the batches already seen
-        skip = self._epoch_batches * self.batch_size
-        sampler = None if distributed else EpochShuffleSampler(len(self._train), self.seed, self._epoch, skip)
-        return DataLoader(self._train, batch_size=self.batch_size, shuffle=distributed, sampler=sampler,
-                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # the order depends on (seed, epoch) only, split across ranks; a resumed epoch skips what was used
+        position, self._position = self._position, None
+        sampler = EpochShuffleSampler.of_rank(self.trainer, len(self._train), self.seed, position)
+        self._train_loader = ResumableLoader(self._train, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                             num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
         assert self._val is not None, "call setup() first"
@@ -222,9 +223,8 @@ class TextData(LightningDataModule):
         """Mask training batches on their device, with a generator seeded from (seed, rank, batch count)."""
         if self.trainer is None or not self.trainer.training or "labels" in batch:
             return batch
-        if self.trainer.current_epoch != self._epoch:
-            self._epoch, self._epoch_batches = self.trainer.current_epoch, 0
-        self._epoch_batches += 1
+        if self._train_loader is not None:
+            self._train_loader.sampler.advance(batch["input_ids"].shape[0])
         generator = torch.Generator(device=batch["input_ids"].device)
         generator.manual_seed(hash((self.seed, self.trainer.global_rank, self._device_batches)) & 0x7FFF_FFFF_FFFF_FFFF)
         self._device_batches += 1
@@ -232,11 +232,13 @@ class TextData(LightningDataModule):
         return {"input_ids": masked, "attention_mask": batch["attention_mask"], "labels": labels}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"device_batches": self._device_batches, "epoch": self._epoch, "epoch_batches": self._epoch_batches}
+        """The mask generator's batch count and the position in the training order."""
+        position = self._position if self._train_loader is None else self._train_loader.state_dict()
+        return {"device_batches": self._device_batches, "position": position}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._device_batches = int(state_dict["device_batches"])
-        self._epoch, self._epoch_batches = int(state_dict["epoch"]), int(state_dict["epoch_batches"])
+        self._position = state_dict.get("position")
 
 
 class BundledText(TextData):
