@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 def is_distributed() -> bool:
@@ -21,15 +20,53 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; the backward sums the gathered gradient over ranks and returns this rank's rows.
+
+    Our own instead of ``torch.distributed.nn.functional.all_gather``, deprecated in torch 2.14 (a warning on
+    every call). Gloo has no reduce-scatter, hence all-reduce then slice."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd may still hold ``grad``
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradient over ranks (every rank's loss reads the sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0, in rank order, keeping the autograd graph.
 
     The backward pass sums the incoming gradients over ranks, so each rank's local rows receive the
-    gradient of every rank's loss (what a single process on the full batch computes).
+    gradient of every rank's loss (what a single process on the full batch computes). Every rank must
+    pass the same shape.
     """
     if not is_distributed():
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -40,7 +77,7 @@ def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
-    return dist_fn.all_reduce(tensor)
+    return _AllReduceSumWithGrad.apply(tensor)
 
 
 @torch.no_grad()
