@@ -13,7 +13,6 @@ from ssl_lightning.cli import main as cli_main
 from ssl_lightning.cli import run_cli
 from ssl_lightning.eval import command
 from ssl_lightning.eval.cache import FeatureCache, feature_cache_key, file_sha256
-from ssl_lightning.eval.checkpoint import load_method
 from ssl_lightning.eval.label_fractions import label_fraction_indices
 from ssl_lightning.eval.linear_probe import linear_probe, stratified_holdout, train_linear, train_linear_grid
 
@@ -145,31 +144,6 @@ def test_feature_cache_computes_once_and_keys_on_every_input(tmp_path: Path) -> 
     blob = tmp_path / "blob.bin"
     blob.write_bytes(b"x" * 3_000_001)
     assert file_sha256(blob, chunk_bytes=1 << 20) == hashlib.sha256(b"x" * 3_000_001).hexdigest()
-
-
-class NotAllowed:
-    """A pickled object that ``weights_only`` loading refuses."""
-
-
-def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        load_method(tmp_path / "missing.ckpt")
-    corrupt = tmp_path / "corrupt.ckpt"
-    corrupt.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(ValueError, match="corrupt.ckpt is not a readable PyTorch checkpoint"):
-        load_method(corrupt)
-    plain = tmp_path / "plain.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, plain)
-    with pytest.raises(ValueError, match="plain.ckpt has no hyper_parameters\\['_class_path'\\]"):
-        load_method(plain)
-    text = tmp_path / "text.ckpt"
-    torch.save({"hyper_parameters": {"_class_path": "ssl_lightning.methods.MaskedLanguageModel"}}, text)
-    with pytest.raises(ValueError, match="text.ckpt holds a ssl_lightning.methods.MaskedLanguageModel, not an image"):
-        load_method(text)
-    unsafe = tmp_path / "unsafe.ckpt"
-    torch.save({"hyper_parameters": {"_class_path": "ssl_lightning.methods.SimCLR"}, "extra": NotAllowed()}, unsafe)
-    with pytest.raises(ValueError, match="unsafe.ckpt .*--unsafe_load"):
-        load_method(unsafe)
 
 
 def test_eval_command_end_to_end_reuses_cached_features(

@@ -31,7 +31,8 @@ import yaml
 from torch import nn
 
 from ssl_lightning.backbones import _MAE_VITS, _RESNET_LAYOUTS, _VITS, TimmViT, build_backbone
-from ssl_lightning.eval.checkpoint import load_method
+from ssl_lightning.eval.cache import file_sha256
+from ssl_lightning.eval.checkpoint import load_checkpoint_safely, load_method
 from ssl_lightning.methods.base import SSLMethod
 
 WEIGHTS_FILE = "backbone.pt"
@@ -295,8 +296,24 @@ def export_backbone(
 
 def _progress(checkpoint: Path, weights_only: bool) -> tuple[Optional[int], Optional[int]]:
     """The epoch and optimizer step a Lightning checkpoint was saved at (the weights are not read: mmap)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)
+    state = load_checkpoint_safely(checkpoint, weights_only)
     return state.get("epoch"), state.get("global_step")
+
+
+def check_metrics_checkpoint(metrics: Mapping[str, Any], metrics_file: str, checkpoint: Path) -> None:
+    """Refuse metrics of another checkpoint: ``ssl-lightning eval``'s ``metrics.json`` records the SHA-256 of the
+    checkpoint it evaluated (``checkpoint_sha256``); a JSON file without it is taken as given. Metrics of the
+    untrained network (``random_init: true``) are refused too: they do not describe the exported weights."""
+    if metrics.get("random_init"):
+        raise ValueError(f"--metrics {metrics_file} scores the untrained network (random_init: true), "
+                         "not the checkpoint's weights")
+    recorded = metrics.get("checkpoint_sha256")
+    if recorded is None:
+        return
+    actual = file_sha256(checkpoint)
+    if recorded != actual:
+        raise ValueError(f"--metrics {metrics_file} is of another checkpoint: it records checkpoint_sha256 {recorded}, "
+                         f"but {checkpoint} has SHA-256 {actual}")
 
 
 def _data_from_config(checkpoint: Path) -> Optional[str]:
@@ -325,6 +342,8 @@ def export_checkpoint(checkpoint: Union[str, Path], output_dir: Union[str, Path]
             raise ValueError(f"--metrics {metrics_file}: expected a JSON object of metrics, got {type(metrics).__name__}")
     checkpoint = Path(checkpoint)
     method = load_method(checkpoint, weights_only=weights_only)
+    if metrics is not None:
+        check_metrics_checkpoint(metrics, str(metrics_file), checkpoint)
     epoch, global_step = _progress(checkpoint, weights_only)
     return export_backbone(method, output_dir, metrics=metrics, data=data or _data_from_config(checkpoint),
                            epoch=epoch, global_step=global_step, checkpoint=str(checkpoint))
