@@ -3,15 +3,20 @@ or ``root/train/*.jpg`` with no labels at all. Grayscale, palette and RGBA image
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ssl_lightning.datamodules.base import IMAGENET_MEAN, IMAGENET_STD, SSLDataModule
+from ssl_lightning.distributed import is_distributed, rank, world_size
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -60,6 +65,26 @@ def load_rgb(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: cannot be read as an image ({err})") from err
 
 
+def unreadable_files(paths: Sequence[Path], threads: int = 1) -> dict[Path, str]:
+    """Decode every file of ``paths`` once (as training would); ``{path: "path: reason"}`` of those that fail,
+    in the order of ``paths``. Under DDP each rank decodes its share and all ranks get the whole answer."""
+    def failure(path: Path) -> Optional[str]:
+        try:
+            load_rgb(path)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    mine = paths[rank() :: world_size()]
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes without the GIL
+        found = {path: reason for path, reason in zip(mine, pool.map(failure, mine)) if reason is not None}
+    if is_distributed():
+        parts: list[dict[Path, str]] = [{} for _ in range(world_size())]
+        dist.all_gather_object(parts, found)
+        found = {path: reason for part in parts for path, reason in part.items()}
+    return {path: found[path] for path in paths if path in found}
+
+
 class ImageFiles(Dataset):
     """``(uint8 image, label)`` read from files on access."""
 
@@ -78,14 +103,28 @@ class ImageFolder(SSLDataModule):
 
     Args:
         root: folder holding ``train/`` and, for evaluation, ``val/`` (class sub-folders in both).
+        verify_images: decode every file once in ``setup``, before training, and fail with one error that lists
+            every unreadable file (otherwise a corrupt file is found only when the loader reaches it).
+        skip_unreadable: decode every file once in ``setup`` and leave the unreadable ones out, with a warning
+            giving how many and which (``skipped_files`` holds them).
     """
 
     fixed_size = False
     default_image_size = 224
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
-    def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", **kwargs) -> None:
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        verify_images: bool = False,
+        skip_unreadable: bool = False,
+        **kwargs,
+    ) -> None:
         self.root = Path(root)
+        self.verify_images, self.skip_unreadable = verify_images, skip_unreadable
+        self.skipped_files: Optional[list[Path]] = None  # set once the files are checked
         if not self.root.is_dir():
             raise FileNotFoundError(f"data root not found: {self.root}")
         self.train_files, self.train_labels, self.classes = scan_folder(self.root / train_dir)
@@ -102,3 +141,29 @@ class ImageFolder(SSLDataModule):
 
     def val_source(self) -> Optional[Dataset]:
         return None if self.val_files is None else ImageFiles(self.val_files, self.val_labels)
+
+    def setup(self, stage: str) -> None:
+        if (self.verify_images or self.skip_unreadable) and self.skipped_files is None:
+            self._check_files()
+        super().setup(stage)
+
+    def _check_files(self) -> None:
+        """Decode every training and validation file; fail listing the unreadable ones, or leave them out."""
+        bad = unreadable_files(self.train_files + (self.val_files or []), self.num_workers)
+        if bad and not self.skip_unreadable:
+            raise ValueError(
+                f"{len(bad)} unreadable image file(s) under {self.root} (fix or remove them, or set "
+                "data.init_args.skip_unreadable: true to train without them):\n  " + "\n  ".join(bad.values())
+            )
+        if bad:
+            rank_zero_warn(f"skipping {len(bad)} unreadable image file(s) under {self.root}:\n  " + "\n  ".join(bad.values()))
+        self.train_files, self.train_labels = _without(bad, self.train_files, self.train_labels)
+        if self.val_files is not None:
+            self.val_files, self.val_labels = _without(bad, self.val_files, self.val_labels)
+        self.skipped_files = list(bad)
+
+
+def _without(bad: dict[Path, str], paths: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]:
+    """``paths`` and their ``labels`` without the files in ``bad``."""
+    kept = [(path, label) for path, label in zip(paths, labels) if path not in bad]
+    return [path for path, _ in kept], [label for _, label in kept]
