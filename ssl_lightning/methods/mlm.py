@@ -5,6 +5,9 @@ original token at exactly those positions. The masking is the data's job (``Text
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -13,6 +16,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
+from ssl_lightning.callbacks.nonfinite import record_train_value
 from ssl_lightning.optim import OptimConfig, build_optimizer, warmup_cosine
 
 IGNORE_INDEX = -100  # label of positions without a prediction (F.cross_entropy's ignore_index)
@@ -27,8 +31,9 @@ class MaskedLanguageModel(LightningModule):
     Args:
         vocab_size: size of the vocabulary; None takes ``trainer.datamodule.vocab_size`` at ``setup``
             (the tokenizer may be trained then) and stores it in the hyper-parameters for checkpoints.
-        dim, depth, num_heads, mlp_ratio, dropout: the encoder's shape (dropout draws from the global
-            random state: with dropout > 0 a resumed run is not bit-identical to an uninterrupted one).
+        dim, depth, num_heads, mlp_ratio, dropout: the encoder's shape. In training, dropout draws from a
+            random state seeded per step from (``PL_GLOBAL_SEED``, rank, step, micro-batch): ranks drop
+            different units and a resumed run draws as an uninterrupted one.
         max_positions: the longest sequence the position embedding covers.
         optim: the optimizer recipe (default AdamW, lr 1e-4, weight decay 0.01, as BERT).
 
@@ -108,11 +113,29 @@ class MaskedLanguageModel(LightningModule):
         chosen = batch["labels"] != IGNORE_INDEX
         return self.mlm_logits(hidden[chosen]), batch["labels"][chosen]
 
+    @contextmanager
+    def _step_random_state(self, batch_idx: int) -> Iterator[None]:
+        """The global random state (dropout's) seeded from (seed, rank, step, micro-batch), restored after."""
+        if self.hparams.dropout == 0:
+            yield
+            return
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        key = (int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank, self.trainer.global_step, micro_batch)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type != "cpu" else [], device_type=self.device.type):
+            torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+            yield
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, targets = self._predictions(batch)
+        with self._step_random_state(batch_idx):
+            logits, targets = self._predictions(batch)
         loss = F.cross_entropy(logits, targets)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``; a ``train/`` tensor is also kept for ``NonFiniteGuard`` to name the term at fault."""
+        record_train_value(self, name, value)
+        super().log(name, value, *args, **kwargs)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits, targets = self._predictions(batch)
