@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -145,6 +145,15 @@ def _unchanged(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
+def _size_or_none(name: str, value: Union[int, str]) -> Optional[int]:
+    """A positive size in pixels, or None for ``"none"``."""
+    if value == "none":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive number of pixels or 'none', got {value!r}")
+    return value
+
+
 class SSLDataModule(LightningDataModule):
     """Base of every image datamodule.
 
@@ -156,6 +165,15 @@ class SSLDataModule(LightningDataModule):
         views_on_device: make the views batched on the device (per-sample parameters) instead of in workers.
         eval_batch_size: batch size of the evaluation loaders.
         seed: seed of the device-side view generator (combined with the rank and the batch count).
+        eval_resize: the shorter side (px) evaluation images are resized to before the centre crop; ``"none"``
+            keeps their size. Default: the crop for fixed-size data (a no-op at that size), crop / 0.875 for
+            images of any size (ImageNet's 256 -> 224), and no resize when ``eval_crop`` is ``"none"``.
+        eval_crop: the centre crop (px) of evaluation images; ``"none"``: the whole image (images must then
+            share one size). Default: ``views.size``. ``eval_resize: none`` with images of ``views.size`` px
+            (or ``eval_crop: none``) gives the model the files' pixels, only scaled and normalized.
+
+    The data's ``mean``/``std`` are saved in checkpoints (``datamodule_hyper_parameters``), so that
+    ``ssl-lightning eval`` normalizes as in training whatever datamodule it evaluates on.
     """
 
     #: all images of a source share one size, so the device path can also do the random crops
@@ -175,6 +193,8 @@ class SSLDataModule(LightningDataModule):
         views_on_device: bool = True,
         eval_batch_size: int = 512,
         seed: Optional[int] = None,
+        eval_resize: Union[int, Literal["none"], None] = None,
+        eval_crop: Union[int, Literal["none"], None] = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -185,6 +205,11 @@ class SSLDataModule(LightningDataModule):
         self.views_on_device = views_on_device
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.image_size = self.views.size
+        self.eval_crop = self.image_size if eval_crop is None else _size_or_none("eval_crop", eval_crop)
+        default_resize = self.eval_crop if self.fixed_size else round(self.eval_crop / 0.875) if self.eval_crop else None
+        self.eval_resize = default_resize if eval_resize is None else _size_or_none("eval_resize", eval_resize)
+        self.save_hyperparameters({"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]},
+                                  logger=False)
         self._batched_views = self.views.batched()
         self._batched_local = self.views.local_views().batched() if self.views.num_local else None
         self._generator: Optional[torch.Generator] = None
@@ -280,8 +305,7 @@ class SSLDataModule(LightningDataModule):
 
     # ---- internals -----------------------------------------------------------------------------
     def _eval_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        resize = None if self.fixed_size else int(round(self.image_size / 0.875))
-        return eval_transform(self.image_size, self.mean, self.std, resize=resize)
+        return eval_transform(self.eval_crop, self.mean, self.std, resize=self.eval_resize)
 
     def _device_views(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The views of a batch, global views first; each size is made as one batched call.

@@ -9,6 +9,10 @@ label fractions (semi-supervised). Two protocols train the whole network on the 
 fractions: ``finetune`` and ``pseudo_label`` (fine-tune, pseudo-label the confident rest, retrain).
 ``metrics.json`` and ``report.md`` are written to ``output_dir``.
 
+Images are normalized with the checkpoint's training statistics unless ``--mean``/``--std`` say otherwise;
+the datamodule's ``eval_resize``/``eval_crop`` set their size (``eval_resize: none`` keeps native-size images
+pixel for pixel). ``--random_init true`` scores the same architecture with untrained weights from ``--seed``.
+
 A protocol is a function ``EvalContext -> list[Result]`` registered in ``PROTOCOLS`` with an optional
 dataclass of its settings (parsed as ``--<name>.<field>``).
 """
@@ -30,7 +34,7 @@ from lightning.pytorch.loggers import Logger
 import ssl_lightning.datamodules  # noqa: F401  (configs name datamodules by short name)
 from ssl_lightning.datamodules import SSLDataModule
 from ssl_lightning.eval.cache import FeatureCache, feature_cache_key, file_sha256
-from ssl_lightning.eval.checkpoint import load_method
+from ssl_lightning.eval.checkpoint import load_checkpoint_safely, load_method, training_normalization, untrained_method
 from ssl_lightning.eval.features import extract_features
 from ssl_lightning.eval.finetune import FineTuneConfig, finetune
 from ssl_lightning.eval.knn import knn_accuracy
@@ -87,7 +91,7 @@ class EvalContext:
     output_dir: Path
     cache: FeatureCache
     checkpoint_sha256: str
-    data_config: dict[str, Any]
+    data_config: dict[str, Any]  # what makes the features besides the checkpoint (the cache key)
     artifacts: dict[str, Any] = field(default_factory=dict)
     _features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -113,7 +117,8 @@ class EvalContext:
             def compute() -> tuple[torch.Tensor, torch.Tensor]:
                 return extract_features(self.method, self.datamodule.eval_loader(dataset), self.device)
 
-            (x, y), hit = self.cache.get(key, compute, description=f"{split} features, checkpoint {self.checkpoint_sha256}")
+            weights = "untrained weights of checkpoint" if self.options.random_init else "checkpoint"
+            (x, y), hit = self.cache.get(key, compute, description=f"{split} features, {weights} {self.checkpoint_sha256}")
             how = "read from" if hit else "extracted into"
             print(f"{split}: {len(y)} features of dim {x.shape[1]} {how} {self.cache.path(key)} "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
@@ -286,7 +291,8 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(LightningDataModule, "data", required=True,
                                   help="the labeled datamodule, named as in training configs (class_path, init_args)")
     parser.add_argument("--output_dir", type=Optional[str], default=None,
-                        help="where metrics.json and report.md go (default runs/eval/<Method>-<checkpoint sha256[:8]>)")
+                        help="where metrics.json and report.md go (default runs/eval/<Method>-<checkpoint sha256[:8]>, "
+                             "with -random_init appended under --random_init)")
     parser.add_argument("--protocols", type=list[str], default=["knn", "linear", "fractions"],
                         help=f"protocols to run, in order; known: {', '.join(PROTOCOLS)}")
     parser.add_argument("--label_fractions", type=list[float], default=[0.01, 0.1],
@@ -300,6 +306,13 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(Logger, "logger", required=False,
                                   help="a Lightning logger (e.g. TensorBoardLogger, WandbLogger) that also receives the "
                                        "metrics and the plots")
+    parser.add_argument("--mean", type=Optional[list[float]], default=None,
+                        help="per-channel mean normalizing the images (default: the checkpoint's training data's)")
+    parser.add_argument("--std", type=Optional[list[float]], default=None,
+                        help="per-channel std normalizing the images (default: the checkpoint's training data's)")
+    parser.add_argument("--random_init", type=bool, default=False,
+                        help="evaluate the checkpoint's architecture with untrained weights drawn from --seed instead "
+                             "of its trained ones (the random-initialization baseline)")
     parser.add_argument("--unsafe_load", type=bool, default=False,
                         help="load the checkpoint with weights_only=False (arbitrary pickles: trusted files only)")
     for name, protocol in PROTOCOLS.items():
@@ -325,18 +338,55 @@ def labeled_datamodule(datamodule: LightningDataModule) -> SSLDataModule:
     return datamodule
 
 
+NORMALIZATION_SOURCES = {"option": "the command line", "checkpoint": "the checkpoint's training data",
+                         "datamodule": "the evaluation datamodule's defaults: the checkpoint records no training statistics"}
+
+
+def resolve_normalization(options: Namespace, datamodule: LightningDataModule,
+                          checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``{"mean", "std", "mean_from", "std_from"}``: each of ``--mean``/``--std`` if given, else the training
+    data's (saved in the checkpoint), else the evaluation datamodule's; ``*_from`` is a key of
+    ``NORMALIZATION_SOURCES``."""
+    trained = training_normalization(checkpoint)
+    out: dict[str, Any] = {}
+    for name in ("mean", "std"):
+        given = getattr(options, name)
+        if given is not None:
+            value, source = given, "option"
+        elif trained is not None:
+            value, source = trained[name], "checkpoint"
+        else:
+            value, source = getattr(datamodule, name), "datamodule"
+        value = [float(v) for v in value]
+        if len(value) != 3 or (name == "std" and min(value) <= 0):
+            raise ValueError(f"--{name} must be 3 numbers (one per RGB channel){', all > 0' if name == 'std' else ''}, "
+                             f"got {value} from {NORMALIZATION_SOURCES[source]}")
+        out[name], out[f"{name}_from"] = value, source
+    return out
+
+
 def evaluate(options: Namespace) -> dict[str, Any]:
     """Run ``options.protocols`` on the checkpoint; write ``metrics.json`` and ``report.md``; return the metrics."""
     unknown = [p for p in options.protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; known: {list(PROTOCOLS)}")
-    method = load_method(options.checkpoint, weights_only=not options.unsafe_load)
+    weights_only = not options.unsafe_load
+    if options.random_init:
+        method = untrained_method(options.checkpoint, options.seed, weights_only)
+    else:
+        method = load_method(options.checkpoint, weights_only)
     data_config = options.data.as_dict()
     options = build_parser().instantiate(options)  # the datamodule and the protocols' option dataclasses
+    normalization = resolve_normalization(options, options.data, load_checkpoint_safely(options.checkpoint, weights_only))
+    options.data.mean, options.data.std = tuple(normalization["mean"]), tuple(normalization["std"])
+    data_config = {**data_config, "normalization": normalization["mean"] + normalization["std"]}
+    if options.random_init:
+        data_config["random_init_seed"] = options.seed
     datamodule = labeled_datamodule(options.data)
     device = resolve_device(options.device)
     sha256 = file_sha256(options.checkpoint)
-    output_dir = Path(options.output_dir or f"runs/eval/{type(method).__name__}-{sha256[:8]}")
+    suffix = "-random_init" if options.random_init else ""
+    output_dir = Path(options.output_dir or f"runs/eval/{type(method).__name__}-{sha256[:8]}{suffix}")
     ctx = EvalContext(method.to(device), datamodule, options, device, output_dir, FeatureCache(options.cache_dir),
                       sha256, data_config)
     results = [row for name in options.protocols for row in PROTOCOLS[name].run(ctx)]
@@ -350,6 +400,9 @@ def evaluate(options: Namespace) -> dict[str, Any]:
         "num_val": len(ctx.dataset("val")),
         "feature_dim": int(ctx.features("val")[0].shape[1]),
         "seed": options.seed,
+        "random_init": options.random_init,
+        "normalization": normalization,
+        "eval_images": {"resize": datamodule.eval_resize, "crop": datamodule.eval_crop},
         "results": {r.name: {"top1": r.top1, "top5": r.top5, **r.details} for r in results},
     }
     if options.plots:
@@ -384,18 +437,36 @@ def plots(ctx: EvalContext, logger: Optional[Logger] = None) -> list[Path]:
 
 
 def markdown_report(metrics: dict[str, Any], results: list[Result]) -> str:
-    """A title, the setting, and one table row per result."""
+    """A title, the setting (weights, images, normalization), and one table row per result."""
+    norm, images = metrics["normalization"], metrics["eval_images"]
+    weights = (f"**Untrained weights** (random initialization from seed {metrics['seed']}) of the checkpoint's "
+               "architecture: the baseline a trained backbone should beat." if metrics["random_init"] else
+               "The checkpoint's trained weights.")
     lines = [
-        f"# {metrics['method']}: {metrics['checkpoint']}",
+        f"# {metrics['method']}: {metrics['checkpoint']}" + (" (random init)" if metrics["random_init"] else ""),
         "",
         f"{metrics['datamodule']}: {metrics['num_train']} training and {metrics['num_val']} validation images, "
         f"{metrics['num_classes']} classes; {metrics['feature_dim']}-d backbone features; seed {metrics['seed']}.",
+        weights,
+        f"Images: {describe_eval_images(images['resize'], images['crop'])}; normalized with mean "
+        f"{_numbers(norm['mean'])} (from {NORMALIZATION_SOURCES[norm['mean_from']]}) and std {_numbers(norm['std'])} "
+        f"(from {NORMALIZATION_SOURCES[norm['std_from']]}).",
         "",
         "| Protocol | Top-1 (%) | Top-5 (%) | Details |",
         "|---|---:|---:|---|",
     ]
     lines += [f"| {r.name} | {r.top1:.2f} | {r.top5:.2f} | {r.note} |" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def describe_eval_images(resize: Optional[int], crop: Optional[int]) -> str:
+    steps = ([f"shorter side resized to {resize} px"] if resize is not None else ["not resized"]) + \
+            ([f"centre-cropped to {crop} px"] if crop is not None else ["not cropped"])
+    return ", ".join(steps)
+
+
+def _numbers(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def main(args: Optional[list[str]] = None) -> dict[str, Any]:

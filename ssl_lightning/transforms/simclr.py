@@ -192,15 +192,25 @@ class SimCLRViews:
 
 
 def eval_transform(
-    size: int, mean: Sequence[float], std: Sequence[float], resize: int | None = None
+    size: int | None, mean: Sequence[float], std: Sequence[float], resize: int | None = None
 ) -> v2.Compose:
-    """Evaluation view of one uint8 (3, H, W) image: resize the shorter side to ``resize`` (default
-    ``size``; a no-op when it already matches), centre crop ``size``, scale to float and normalize."""
-    return v2.Compose(
-        [
-            v2.Resize(resize or size, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
+    """Evaluation view of one uint8 (3, H, W) image: resize the shorter side to ``resize`` (None: keep the
+    size), centre crop ``size`` (None: no crop), scale to float and normalize. With neither, the pixels are
+    only scaled and normalized. An image smaller than the crop is an error, not zero-padded."""
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = [] if resize is None else [v2.Resize(resize, antialias=True)]
+    if size is not None:
+        steps += [_AtLeast(size), v2.CenterCrop(size)]
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+class _AtLeast:
+    """Refuse an image smaller than the centre crop (``CenterCrop`` would pad it with zeros)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if min(image.shape[-2:]) < self.size:
+            raise ValueError(f"a {image.shape[-2]}x{image.shape[-1]} image is smaller than the {self.size} px centre "
+                             "crop of evaluation: set the data's eval_resize, or eval_crop (or views.size) smaller")
+        return image
