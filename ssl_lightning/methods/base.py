@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from ssl_lightning.backbones import build_backbone
+from ssl_lightning.callbacks.nonfinite import record_train_value
 from ssl_lightning.optim import OptimConfig, build_optimizer, constant_lr, warmup_cosine, warmup_cosine_steps
 
 
@@ -82,6 +83,11 @@ class SSLMethod(LightningModule):
         if module is self.backbone and self.hparams.get("compile_backbone"):
             target.compile()  # deepcopy drops the compiled forward
         return target
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``; a ``train/`` tensor is also kept for ``NonFiniteGuard`` to name the term at fault."""
+        record_train_value(self, name, value)
+        super().log(name, value, *args, **kwargs)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"features": self(batch["image"]).detach()}
