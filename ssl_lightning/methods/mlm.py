@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ssl_lightning.callbacks.nonfinite import record_train_value
-from ssl_lightning.optim import OptimConfig, build_optimizer, warmup_cosine
+from ssl_lightning.optim import OptimConfig, build_optimizer, warmup_cosine, warmup_cosine_steps
 
 IGNORE_INDEX = -100  # label of positions without a prediction (F.cross_entropy's ignore_index)
 
@@ -157,8 +157,6 @@ class MaskedLanguageModel(LightningModule):
             raise ValueError("the learning-rate scaling needs the datamodule's batch_size")
         batch_size = per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
         optimizer = build_optimizer(self.optim, [self], batch_size)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(total_steps, round(self.optim.warmup_epochs * steps_per_epoch))
+        warmup_steps, total_steps = warmup_cosine_steps(self.trainer, self.optim.warmup_epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, self.optim.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
