@@ -38,6 +38,7 @@ EXPECTED = re.compile(r"Expected an? (<class '([^']+)'>|\S+)")
 NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 CLASS_PATH = re.compile(r"class_path '([^']+)'")
 NOT_A_CLASS = re.compile(r"Expected a dot import path string: (\S+)")
+AMBIGUOUS = re.compile(r"Multiple subclasses with name .*")
 KIND_OF = {"model": "methods", "data": "datamodules"}
 
 
@@ -86,6 +87,9 @@ def describe_parse_error(error: BaseException) -> str:
         close = closest_options(unknown_class.group(1), names)
         hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(names)}"
         return f"--{key}: unknown class {unknown_class.group(1)!r}; {hint}"
+    ambiguous = AMBIGUOUS.search(text)
+    if ambiguous:
+        return f"key {key}: {ambiguous.group(0)}"
     given = GIVEN.search(text)
     if not keys or not given:
         return str(error)

@@ -22,6 +22,7 @@ import ssl_lightning.datamodules  # noqa: F401
 import ssl_lightning.methods  # noqa: F401
 from ssl_lightning.cli.errors import ConfigError, describe_parse_error, with_suggestions
 from ssl_lightning.cli.resume import check_resume, short_class
+from ssl_lightning.cli.safety import add_safety
 from ssl_lightning.cli.run_folder import RUN_DIR_ENV, RunFolder, choose_run_folder, config_title, is_launched_rank, wire_trainer
 from ssl_lightning.eval.checkpoint import load_checkpoint_safely
 
@@ -125,6 +126,7 @@ class SSLLightningCLI(LightningCLI):
         title = config_title(self.raw_args, config.model.get("class_path"))
         self.run = choose_run_folder(config.runs_root, title, config.run_name, ckpt_path)
         wire_trainer(config.trainer, self.run)
+        add_safety(config.trainer)
         if ckpt_path == "last":
             last = sorted(self.run.checkpoints.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
             config.ckpt_path = str(last[-1]) if last else None
