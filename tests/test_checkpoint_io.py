@@ -1,4 +1,7 @@
-"""``AtomicCheckpointIO``: a failed or interrupted save never replaces a good checkpoint."""
+"""``AtomicCheckpointIO``: a failed or interrupted save never replaces a good checkpoint; ``PeriodicCheckpoint``
+writes last.ckpt every N steps or M minutes."""
+
+from __future__ import annotations
 
 import os
 from pathlib import Path
@@ -9,6 +12,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ssl_lightning.callbacks.periodic_checkpoint import PeriodicCheckpoint
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.methods import SimCLR
 from tests.tiny_methods import tiny_data
@@ -64,3 +68,35 @@ def test_model_checkpoint_save_last_goes_through_the_plugin(tmp_path: Path, monk
     trainer.fit(model, tiny_data())
     assert saved == ["last.ckpt", "last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("steps", "minutes", "saved_at"),
+    [(2, None, [2, 4]), (None, 1e-9, [1, 2, 3, 4, 5]), (2, 60.0, [2, 4]), (100, 1e-9, [1, 2, 3, 4, 5])],
+    ids=["every-2-steps", "time-only", "steps-first", "time-first"],
+)
+def test_periodic_checkpoint_saves_on_whichever_trigger_comes_first(
+    steps: int | None, minutes: float | None, saved_at: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny ``every_n_minutes`` fires at every step (each step takes longer); 60 minutes never fires here."""
+    saved: list[int] = []
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self: AtomicCheckpointIO, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        assert Path(path).name == "last.ckpt", "only last.ckpt is written"
+        saved.append(checkpoint["global_step"])
+        real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
+    periodic = PeriodicCheckpoint(every_n_train_steps=steps, every_n_minutes=minutes, dirpath=tmp_path)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=5, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[periodic], plugins=[AtomicCheckpointIO()])
+    model = SimCLR(backbone="cifar_resnet18", backbone_kwargs={"base_width": 4}, projection_hidden_dim=32, projection_dim=16)
+    trainer.fit(model, tiny_data())
+    assert saved == saved_at
+
+
+def test_periodic_checkpoint_needs_a_trigger() -> None:
+    with pytest.raises(ValueError, match="every_n_train_steps, every_n_minutes or both"):
+        PeriodicCheckpoint()
