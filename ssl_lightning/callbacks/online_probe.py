@@ -23,7 +23,8 @@ class OnlineLinearProbe(Callback):
     method's optimizer never sees the head. Rows labelled -1 are ignored. The head starts at zero, which
     keeps it identical on all ranks and leaves the global RNG untouched; under DDP its gradients are
     averaged across ranks before each step. Logs ``train/probe_loss`` (written at the trainer's
-    ``log_every_n_steps``) and ``val/probe_top1`` (a fraction in [0, 1], synced across ranks).
+    ``log_every_n_steps``) and ``val/probe_top1`` in percent, like ``val/knn_top1`` and ``ssl-lightning eval``
+    (micro-averaged over the validation epoch, synced across ranks).
     """
 
     def __init__(self, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam", weight_decay: float = 0.0) -> None:
@@ -96,8 +97,14 @@ class OnlineLinearProbe(Callback):
         if self.head is None or trainer.sanity_checking:
             return
         self.val_top1.update(self.head(outputs["features"].detach().float()), batch["label"])
-        # metric_attribute names a metric that the module does not own (Lightning only uses it as a label here)
-        pl_module.log("val/probe_top1", self.val_top1, on_step=False, on_epoch=True, metric_attribute="probe_val_top1")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.head is None or trainer.sanity_checking or not self.val_top1.update_called:
+            return
+        top1 = self.val_top1.compute() * 100  # synced across ranks: equal on every rank
+        self.val_top1.reset()
+        # "max" of equal values keeps it exact and spares Lightning's warning about unsynced epoch values
+        pl_module.log("val/probe_top1", top1, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     def state_dict(self) -> dict[str, Any]:
         if self.head is None:
