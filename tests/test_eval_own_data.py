@@ -181,3 +181,15 @@ def test_random_init_scores_the_untrained_network_of_the_same_architecture(
         assert torch.allclose(fresh(random_seen[1][0]), random_seen[1][1], atol=1e-5)
     trained_weights = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert not torch.equal(untrained.state_dict()["backbone.conv1.weight"], trained_weights["backbone.conv1.weight"])
+
+
+def test_the_image_folder_eval_config_keeps_native_images(tmp_path: Path) -> None:
+    root = make_folder(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "eval" / "image_folder.yaml"
+    parser = command.build_parser()
+    options = parser.parse_args([f"--config={config}", "--checkpoint=x", f"--data.init_args.root={root}",
+                                 "--data.init_args.num_workers=0"])
+    assert options.mean is None and options.std is None and options.random_init is False
+    dm = parser.instantiate(options).data
+    assert (dm.eval_resize, dm.eval_crop) == (None, SIZE)
+    assert torch.allclose(eval_images(dm), files_normalized(root, "val", IMAGENET_MEAN, IMAGENET_STD), atol=1e-6)
