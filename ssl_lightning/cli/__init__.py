@@ -56,7 +56,3 @@ def main(args: Optional[list[str]] = None) -> None:
             raise
         print(f"ssl-lightning {command}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(EXIT_USAGE if isinstance(error, ConfigError) or type(error).__name__ == "ArgumentError" else EXIT_ERROR)
-
-
-if __name__ == "__main__":
-    main()

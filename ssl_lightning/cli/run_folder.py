@@ -145,7 +145,8 @@ def wire_trainer(trainer: Namespace, run: RunFolder) -> None:
         if name in LOGGER_FOLDERS:
             args.name = LOGGER_FOLDERS[name]
         elif name == "WandbLogger":
-            args.name = args.get("name") or run.title
+            if args.get("name") in (None, "lightning_logs"):  # WandbLogger's default name: use the config's
+                args.name = run.title
             if not is_launched_rank():
                 args.id = args.get("id") or wandb_run_id(run)
             args.resume = "allow"
