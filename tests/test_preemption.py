@@ -27,18 +27,19 @@ STEPS = 8  # 32 images in batches of 8: 4 optimizer steps per epoch, 2 epochs
 
 
 class SignalDuringStep(Callback):
-    """Sends ``signame`` to this process in the middle of optimizer step ``step`` (after its backward)."""
+    """Sends ``signame`` to this process in the middle of optimizer step ``step`` (after its backward),
+    on rank ``rank`` only."""
 
-    def __init__(self, step: int, signame: str) -> None:
-        self.step, self.signum = step, signal.Signals[signame]
+    def __init__(self, step: int, signame: str, rank: int = 0) -> None:
+        self.step, self.signum, self.rank = step, signal.Signals[signame], rank
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if trainer.global_step + 1 == self.step:
+        if trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), self.signum)
 
 
 def _fit(root: Path, ckpt_path: Optional[str] = None, extra: Optional[Callback] = None,
-         accumulate: int = 1) -> tuple[SimCLR, Trainer, PreemptionCheckpoint]:
+         accumulate: int = 1, devices: int = 1) -> tuple[SimCLR, Trainer, PreemptionCheckpoint]:
     torch.set_num_threads(1)
     seed_everything(0, verbose=False)
     model = SimCLR(backbone="cifar_resnet18", backbone_kwargs={"base_width": 4}, projection_hidden_dim=32,
@@ -48,7 +49,7 @@ def _fit(root: Path, ckpt_path: Optional[str] = None, extra: Optional[Callback] 
     callbacks: list[Callback] = [preemption, ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0)]
     if extra is not None:
         callbacks.insert(0, extra)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=accumulate, callbacks=callbacks,
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS, accumulate_grad_batches=accumulate, callbacks=callbacks,
                       logger=False, default_root_dir=root, deterministic=True, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(model, data, ckpt_path=ckpt_path)
@@ -132,6 +133,21 @@ def test_with_accumulation_the_run_stops_at_the_end_of_the_accumulated_step(tmp_
     resumed, trainer, _ = _fit(tmp_path, ckpt_path="last", accumulate=2)
     assert trainer.global_step == STEPS
     _assert_same_weights(full, resumed)
+
+
+@pytest.mark.slow
+def test_under_ddp_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """Only rank 1 gets SIGTERM (mid-step 3): both ranks stop after step 3, save together, exit 143, no hang."""
+    script = tmp_path / "ddp_preempt.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom tests.test_preemption import SignalDuringStep, _fit\n"
+        "_fit(Path(sys.argv[1]), extra=SignalDuringStep(3, 'SIGTERM', rank=1), devices=2)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert _saved_step(tmp_path) == 3
 
 
 def test_without_model_checkpoint_the_checkpoint_goes_to_the_root_folder(tmp_path: Path) -> None:
