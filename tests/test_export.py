@@ -151,7 +151,11 @@ def test_fit_eval_with_plots_then_export_command(tmp_path: Path, monkeypatch: py
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(images), method(images), rtol=0, atol=1e-5)
-    with pytest.raises(SystemExit, match="ssl-lightning export: error: --metrics missing.json: not a readable JSON"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
         main(["export", f"--checkpoint={checkpoint}", "--output_dir=export", "--metrics=missing.json"])
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    assert stopped.value.code == 1
+    assert "ssl-lightning export: error: --metrics missing.json: not a readable JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["export", "--checkpoint=missing.ckpt", "--output_dir=export"])
+    assert "checkpoint not found" in capsys.readouterr().err

@@ -26,6 +26,10 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
 def one_line(error: BaseException) -> str:
     """The message of ``error`` on one line (a multi-line message is joined with ``; ``)."""
     text = str(error).strip() or type(error).__name__
+    if "Does not validate against any of the Union subtypes" in text:  # an error raised inside a class's __init__
+        causes = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        causes = [c for c in causes if not c.startswith(("Expected a <class 'NoneType'>", "Not a valid subclass"))]
+        text = "\n".join(causes) or text
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     message = "; ".join(lines)
     name = type(error).__name__

@@ -47,7 +47,7 @@ def differences(saved: dict[str, Any], given: dict[str, Any], prefix: str = "") 
         old, new = saved.get(key, "<absent>"), given.get(key, "<absent>")
         if isinstance(old, dict) and isinstance(new, dict):
             lines += differences(old, new, f"{prefix}{key}.")
-        elif old != new:
+        elif old != new and new is not None:  # None: unset in the config (e.g. MLM's vocab_size, set from the data)
             lines.append(f"{prefix}{key}: checkpoint {old!r}, given {new!r}")
     return lines
 

@@ -108,6 +108,7 @@ def choose_run_folder(runs_root: str, title: str, run_name: Optional[str], ckpt_
     return RunFolder(run, title, resumed=ckpt_path is not None)
 
 
+CHECKPOINT_CALLBACKS = ("ModelCheckpoint", "PeriodicCheckpoint")
 LOGGER_FOLDERS = {"CSVLogger": "csv", "TensorBoardLogger": "tensorboard"}
 
 
@@ -153,7 +154,7 @@ def wire_trainer(trainer: Namespace, run: RunFolder) -> None:
         logger.init_args = args
     callbacks = as_list(trainer.get("callbacks"))
     for callback in callbacks:
-        if class_name(callback) == "ModelCheckpoint":
+        if class_name(callback) in CHECKPOINT_CALLBACKS:
             args = callback.get("init_args") or Namespace()
             if not args.get("dirpath"):
                 args.dirpath = str(run.checkpoints)

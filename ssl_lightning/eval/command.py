@@ -285,7 +285,7 @@ PROTOCOLS: dict[str, Protocol] = {
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="ssl-lightning eval", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ssl-lightning eval", description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
     parser.add_argument("--checkpoint", type=str, required=True, help="a checkpoint of `ssl-lightning fit`")
     parser.add_subclass_arguments(LightningDataModule, "data", required=True,
@@ -473,10 +473,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
     """Entry point of ``ssl-lightning eval``: ``args`` are what follows ``eval`` (default ``sys.argv[1:]``)."""
     parser = build_parser()
     options = parser.parse_args(sys.argv[1:] if args is None else args)
-    try:
-        return evaluate(options)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"ssl-lightning eval: error: {err}")
+    return evaluate(options)  # errors are raised; ``ssl_lightning.cli.main`` turns them into one line
 
 
 if __name__ == "__main__":

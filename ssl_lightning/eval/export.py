@@ -21,7 +21,6 @@ import inspect
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -350,7 +349,9 @@ def export_checkpoint(checkpoint: Union[str, Path], output_dir: Union[str, Path]
 
 
 def main(args: Optional[list[str]] = None) -> Path:
-    """``ssl-lightning export --checkpoint X --output_dir Y [--metrics metrics.json] [--data TEXT]``."""
+    """``ssl-lightning export --checkpoint X --output_dir Y [--metrics metrics.json] [--data TEXT]``.
+
+    Errors are raised; ``ssl-lightning`` (``ssl_lightning.cli.main``) turns them into one line."""
     parser = argparse.ArgumentParser(
         prog="ssl-lightning export",
         description="Write a checkpoint's backbone as a plain torchvision/timm state dict with a model card.",
@@ -361,9 +362,6 @@ def main(args: Optional[list[str]] = None) -> Path:
     parser.add_argument("--data", help="what the backbone was trained on (default: the run's config.yaml data section)")
     parser.add_argument("--unsafe_load", action="store_true", help="load a trusted checkpoint with weights_only=False")
     ns = parser.parse_args(args)
-    try:
-        out = export_checkpoint(ns.checkpoint, ns.output_dir, ns.metrics, ns.data, weights_only=not ns.unsafe_load)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"ssl-lightning export: error: {err}")
+    out = export_checkpoint(ns.checkpoint, ns.output_dir, ns.metrics, ns.data, weights_only=not ns.unsafe_load)
     print(f"exported {out / WEIGHTS_FILE} and {out / CARD_FILE}")
     return out
