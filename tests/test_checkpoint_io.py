@@ -72,13 +72,15 @@ def test_model_checkpoint_save_last_goes_through_the_plugin(tmp_path: Path, monk
 
 @pytest.mark.parametrize(
     ("steps", "minutes", "saved_at"),
-    [(2, None, [2, 4]), (None, 1e-9, [1, 2, 3, 4, 5]), (2, 60.0, [2, 4]), (100, 1e-9, [1, 2, 3, 4, 5])],
-    ids=["every-2-steps", "time-only", "steps-first", "time-first"],
+    [(2, None, [2, 4, 5]), (None, 1e-9, [1, 2, 3, 4, 5]), (2, 60.0, [2, 4, 5]), (100, 1e-9, [1, 2, 3, 4, 5]),
+     (None, None, [4, 5])],
+    ids=["every-2-steps", "time-only", "steps-first", "time-first", "epoch-ends-only"],
 )
 def test_periodic_checkpoint_saves_on_whichever_trigger_comes_first(
     steps: int | None, minutes: float | None, saved_at: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A tiny ``every_n_minutes`` fires at every step (each step takes longer); 60 minutes never fires here."""
+    """A tiny ``every_n_minutes`` fires at every step (each step takes longer); 60 minutes never fires here;
+    every epoch end (4 steps, and step 5 where max_steps stops the second epoch) saves too, once per step."""
     saved: list[int] = []
     real = AtomicCheckpointIO.save_checkpoint
 
@@ -95,8 +97,3 @@ def test_periodic_checkpoint_saves_on_whichever_trigger_comes_first(
     model = SimCLR(backbone="cifar_resnet18", backbone_kwargs={"base_width": 4}, projection_hidden_dim=32, projection_dim=16)
     trainer.fit(model, tiny_data())
     assert saved == saved_at
-
-
-def test_periodic_checkpoint_needs_a_trigger() -> None:
-    with pytest.raises(ValueError, match="every_n_train_steps, every_n_minutes or both"):
-        PeriodicCheckpoint()

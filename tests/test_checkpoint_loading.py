@@ -14,7 +14,7 @@ import torch
 from ssl_lightning.eval.checkpoint import load_checkpoint_safely, load_method, training_normalization
 from ssl_lightning.eval.cache import file_sha256
 from ssl_lightning.eval.export import export_checkpoint
-from ssl_lightning.eval.export import main as export_main
+from ssl_lightning.cli import main
 from ssl_lightning.methods import SimCLR
 
 
@@ -56,7 +56,7 @@ def test_a_damaged_archive_is_not_a_checkpoint(tmp_path: Path) -> None:
     assert one_line_error(load_checkpoint_safely, path).startswith(f"{path} is not a Lightning checkpoint: not a torch.save")
 
 
-def test_a_class_safe_loading_refuses_is_named(tmp_path: Path) -> None:
+def test_a_class_safe_loading_refuses_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "pickled.ckpt"
     torch.save({"state_dict": {}, "extra": NotAllowed()}, path)
     message = one_line_error(load_checkpoint_safely, path)
@@ -64,8 +64,8 @@ def test_a_class_safe_loading_refuses_is_named(tmp_path: Path) -> None:
                        "(a Lightning checkpoint of ssl-lightning holds only tensors and plain values)")
     assert one_line_error(load_method, path) == message
     with pytest.raises(SystemExit) as info:  # the export command prints that one line and exits non-zero
-        export_main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")])
-    assert info.value.code == f"ssl-lightning export: error: {message}"
+        main(["export", "--checkpoint", str(path), "--output_dir", str(tmp_path / "out")])
+    assert info.value.code == 1 and f"ssl-lightning export: error: {message}" in capsys.readouterr().err
     assert load_checkpoint_safely(path, weights_only=False)["extra"].__class__ is NotAllowed  # trusted files only
 
 

@@ -71,18 +71,6 @@ def test_every_config_fits_a_couple_of_steps(config: Path, tmp_path: Path, monke
         assert any(type(c).__name__ == "OnlineLinearProbe" for c in cli.trainer.callbacks)  # base.yaml was applied
 
 
-def _error_of(args: list[str], capsys: pytest.CaptureFixture) -> str:
-    with pytest.raises(SystemExit):
-        run_cli(args)
-    return capsys.readouterr().err
-
-
-def test_unknown_method_and_key_are_named(capsys: pytest.CaptureFixture) -> None:
-    config = f"--config={CONFIGS / 'simclr_bundled.yaml'}"
-    assert "NoSuchMethod" in _error_of(["fit", config, "--model=NoSuchMethod"], capsys)
-    assert "temprature" in _error_of(["fit", config, "--model.init_args.temprature=0.1"], capsys)
-
-
 def test_unknown_backbone_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="unknown backbone 'resnet19'"):

@@ -143,7 +143,7 @@ def test_eval_uses_native_images_and_the_checkpoints_normalization(
     assert metrics["normalization"] == {"mean": mean, "mean_from": "option", "std": std, "std_from": "option"}
     assert len(seen) == 2, "other normalization, other cache entries"
     assert torch.allclose(seen[1][0], files_normalized(root, "val", mean, std), atol=1e-6)
-    with pytest.raises(SystemExit, match=r"--std must be 3 numbers \(one per RGB channel\), all > 0, got \[0.0, 1.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"--std must be 3 numbers \(one per RGB channel\), all > 0, got \[0.0, 1.0, 1.0\]"):
         run_eval(root, checkpoint, tmp_path / "bad", monkeypatch, "--std=[0, 1, 1]")
 
 

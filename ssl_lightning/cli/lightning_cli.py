@@ -22,7 +22,7 @@ import ssl_lightning.datamodules  # noqa: F401
 import ssl_lightning.methods  # noqa: F401
 from ssl_lightning.cli.errors import ConfigError, describe_parse_error, with_suggestions
 from ssl_lightning.cli.resume import check_resume, short_class
-from ssl_lightning.cli.safety import add_safety
+from ssl_lightning.cli.safety import SafetySettings, add_safety
 from ssl_lightning.cli.run_folder import RUN_DIR_ENV, RunFolder, choose_run_folder, config_title, is_launched_rank, wire_trainer
 from ssl_lightning.eval.checkpoint import load_checkpoint_safely
 
@@ -97,6 +97,8 @@ class SSLLightningCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--safety", type=SafetySettings, default=SafetySettings(),
+                            help="periodic checkpoints and the divergence guard (ssl_lightning.cli.safety)")
         parser.add_argument("--runs_root", type=str, default="runs", help="folder that holds the run folders")
         parser.add_argument(
             "--run_name", type=Optional[str], default=None,
@@ -126,7 +128,7 @@ class SSLLightningCLI(LightningCLI):
         title = config_title(self.raw_args, config.model.get("class_path"))
         self.run = choose_run_folder(config.runs_root, title, config.run_name, ckpt_path)
         wire_trainer(config.trainer, self.run)
-        add_safety(config.trainer)
+        add_safety(config.trainer, config.safety, str(self.run.checkpoints))
         if ckpt_path == "last":
             last = sorted(self.run.checkpoints.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
             config.ckpt_path = str(last[-1]) if last else None
