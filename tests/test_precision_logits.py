@@ -3,7 +3,7 @@ a float64 reference to float32 tolerance (a bf16 matmul put 0.8% errors in NT-Xe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,14 +12,6 @@ import torch.nn.functional as F
 from ssl_lightning.losses import infonce_queue_loss, moco_v3_loss, nt_xent_loss
 
 BATCH, DIM, QUEUE, T = 256, 64, 512, 0.1
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch.utils.data import DistributedSampler
 
 from ssl_lightning.datamodules import SyntheticData
 from ssl_lightning.datamodules.base import EpochShuffleSampler
+from tests.test_resume_every_method import assert_same
 
 
 def test_ranks_split_one_epoch_order_without_overlap_as_distributed_sampler_with_drop_last() -> None:
@@ -93,22 +94,6 @@ fit("resumed", ckpt_path=f"{out}/full/step=2.ckpt")  # mid-epoch 0; the resumed 
 """
 
 
-def _same(expected: object, actual: object, where: str) -> None:
-    if isinstance(expected, torch.Tensor):
-        assert torch.equal(expected, actual), where  # type: ignore[arg-type]
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and expected.keys() == actual.keys(), where
-        for key in expected:
-            _same(expected[key], actual[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(expected) == len(actual), where
-        for i, (e, a) in enumerate(zip(expected, actual)):
-            _same(e, a, f"{where}[{i}]")
-    else:
-        assert expected == actual, f"{where}: {expected!r} != {actual!r}"
-
-
-@pytest.mark.slow
 def test_two_process_ddp_resume_from_mid_epoch_is_bit_identical(tmp_path: Path) -> None:
     script = tmp_path / "fit.py"
     script.write_text(SCRIPT)
@@ -127,4 +112,4 @@ def test_two_process_ddp_resume_from_mid_epoch_is_bit_identical(tmp_path: Path) 
         resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt", weights_only=False)
         assert full["sampler"] == "EpochShuffleSampler" and full["step"] == 6
         assert full["loader"] == {"epoch": 1, "used": 8}  # 6 steps of 4 images: epoch 0's 4 batches, 2 of epoch 1
-        _same(full, resumed, f"rank {rank}")
+        assert_same(full, resumed, f"rank {rank}")

@@ -95,7 +95,8 @@ class NonFiniteGuard(Callback):
         if not self.skip_nonfinite and scaler is None:
             raise NonFiniteError(
                 f"{problem}; the update was not applied (weights and checkpoints stay those of step "
-                f"{trainer.global_step}). Lower the learning rate, or let NonFiniteGuard(skip_nonfinite=True) skip such steps"
+                f"{trainer.global_step}). Lower the learning rate, or skip such steps with --safety.skip_nonfinite true "
+                "(NonFiniteGuard(skip_nonfinite=True))"
             )
         self._in_a_row += 1
         self.skipped += 1
