@@ -18,7 +18,7 @@ from tests.cli_utils import CONFIGS, TINY_SIMCLR
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_NTASKS", "LOCAL_RANK", "RANK"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_NTASKS", "LOCAL_RANK", "RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -103,3 +103,17 @@ def test_logger_false_works_and_still_checkpoints(tmp_path: Path) -> None:
     cli = fit("--trainer.max_steps=1", "--trainer.logger=false")
     assert not cli.trainer.loggers
     assert (tmp_path / "runs" / "simclr_bundled" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_cluster_launchers_name_the_run_folder_so_every_rank_agrees(tmp_path: Path, monkeypatch) -> None:
+    from ssl_lightning.cli.run_folder import choose_run_folder
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert choose_run_folder("runs", "simclr", None, "last").path == Path("runs/simclr/slurm-4242")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    assert choose_run_folder("runs", "simclr", None, None).path == Path("runs/simclr/torchrun-job7")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(RunFolderError, match="under torchrun pass --run_name"):
+        choose_run_folder("runs", "simclr", None, None)
+    assert choose_run_folder("runs", "simclr", "mine", None).path == Path("runs/simclr/mine")

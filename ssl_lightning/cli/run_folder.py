@@ -1,7 +1,7 @@
 """One folder per run: ``<runs_root>/<config name>/<run name>`` holds the run's config, checkpoints and logs.
 
 The run name is ``--run_name`` when given, ``slurm-<job id>`` under SLURM (a requeued job keeps its id, so
-it continues in its folder), else the next free ``version_<N>``. ``--ckpt_path last`` resumes the newest
+it continues in its folder), ``torchrun-<rdzv id>`` under torchrun, else the next free ``version_<N>``. ``--ckpt_path last`` resumes the newest
 run of the config (or the named one); a checkpoint inside a run folder continues in that folder.
 """
 
@@ -56,6 +56,16 @@ def slurm_run_name() -> Optional[str]:
     return f"slurm-{job}" if job else None
 
 
+def torchrun_run_name() -> Optional[str]:
+    """``torchrun-<rdzv id>`` under torchrun with ``--rdzv-id``; without one the ranks cannot agree on a name."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    if run_id == "none":
+        raise RunFolderError("under torchrun pass --run_name (or torchrun --rdzv-id) so that all ranks write to one run folder")
+    return f"torchrun-{run_id}"
+
+
 def has_checkpoints(run: Path) -> bool:
     return any((run / CHECKPOINTS).glob("*.ckpt"))
 
@@ -86,7 +96,7 @@ def choose_run_folder(runs_root: str, title: str, run_name: Optional[str], ckpt_
     if inherited and is_launched_rank():
         return RunFolder(Path(inherited), title, resumed=ckpt_path is not None)
     config_root = Path(runs_root) / title
-    name = run_name or slurm_run_name()
+    name = run_name or slurm_run_name() or torchrun_run_name()
     if ckpt_path == "last":
         run = config_root / name if name else newest_run_with_checkpoints(config_root)
         if run is not None:
