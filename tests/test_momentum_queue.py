@@ -58,6 +58,41 @@ def test_enqueue_wraps_and_keeps_the_newest_keys() -> None:
     assert torch.equal(queue, torch.stack([keys[4], keys[5], keys[6], keys[2], keys[3]]))
 
 
+class _RecordsKeys(MoCoV2):
+    """Keeps, for each micro-batch, the keys its training step returns and the queue it was compared with."""
+
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        queue = self.queue.clone()
+        output = super().training_step(batch, batch_idx)
+        self.seen.append((output["keys"].clone(), queue))
+        return output
+
+
+def test_queue_receives_every_micro_batch_of_a_step_together(tmp_path: Path) -> None:
+    """Accumulating 2 micro-batches of 8 is one step of 16: both micro-batches meet the queue of before the
+    step, and after it the queue holds both micro-batches' keys in order (written one by one into a ring of
+    24 rows here, the second step wrapping around) with the pointer moved by 16."""
+    model = tiny_method(_RecordsKeys)
+    initial = model.queue.clone()
+    trainer = tiny_trainer(tmp_path, max_steps=2, accumulate=2)
+    trainer.fit(model, tiny_data())  # 4 batches of 8: 2 steps
+    assert trainer.global_step == 2 and len(model.seen) == 4
+    expected, pointer = initial.clone(), 0
+    for step in range(2):
+        for micro in (2 * step, 2 * step + 1):
+            keys, queue = model.seen[micro]
+            assert torch.equal(queue, expected), f"micro-batch {micro} saw a queue changed within its step"
+        for micro in (2 * step, 2 * step + 1):
+            for key in model.seen[micro][0]:
+                expected[pointer] = key
+                pointer = (pointer + 1) % len(expected)
+    assert torch.equal(model.queue, expected) and model.queue_ptr.item() == pointer == (2 * 16) % 24
+
+
 def _ddp_queue_and_shuffle(rank: int, world_size: int, keys: torch.Tensor, x: torch.Tensor) -> dict:
     """Enqueue: each rank returns keys[rank] from its training step and the callback enqueues after the
     step. Shuffle-BN: each rank shuffles its shard of x (each rank's own generator: rank 0's draw wins)."""
@@ -82,10 +117,24 @@ def _ddp_queue_and_shuffle(rank: int, world_size: int, keys: torch.Tensor, x: to
             "restored": gather(restored).flatten(0, 1)}
 
 
-def test_queue_and_shuffle_bn_across_two_processes() -> None:
-    keys = torch.randn(2, 4, 3)  # (rank, local batch, dim)
-    x = torch.arange(16.0).view(8, 2)  # the global batch of shuffle-BN
-    result = run_distributed(_ddp_queue_and_shuffle, 2, keys, x)
+def _on_two_processes(rank: int, world_size: int, keys: torch.Tensor, x: torch.Tensor, images: torch.Tensor) -> dict:
+    return {**_ddp_queue_and_shuffle(rank, world_size, keys, x), "moco": _moco_keys_with_shuffle_bn(rank, world_size, images)}
+
+
+@pytest.fixture(scope="module")
+def two_processes() -> dict:
+    """One start of 2 gloo processes for the queue, shuffle and MoCo v2 shuffle-BN checks (a start costs seconds)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "keys": torch.randn(2, 4, 3, generator=generator),  # (rank, local batch, dim)
+        "x": torch.arange(16.0).view(8, 2),  # the global batch of shuffle-BN
+        "images": torch.randn(8, 3, 16, 16, generator=generator),  # MoCo v2's global batch of second views
+    }
+    return {**inputs, "result": run_distributed(_on_two_processes, 2, inputs["keys"], inputs["x"], inputs["images"])}
+
+
+def test_queue_and_shuffle_bn_across_two_processes(two_processes: dict) -> None:
+    keys, x, result = two_processes["keys"], two_processes["x"], two_processes["result"]
 
     # the queue receives the keys of both ranks, in rank order, on both ranks
     expected = torch.cat([keys[0], keys[1], torch.zeros(2, 3)])
@@ -97,6 +146,43 @@ def test_queue_and_shuffle_bn_across_two_processes() -> None:
     slices = result["slices"]
     assert torch.equal(slices[slices[:, 0].argsort()], x) and not torch.equal(slices, x)
     assert torch.equal(result["restored"], x * 10)
+
+
+def _moco_keys_with_shuffle_bn(rank: int, world_size: int, images: torch.Tensor) -> dict:
+    """Each rank has its shard of ``images``; ``MoCoV2.encode_keys`` shuffles, encodes and unshuffles. Rank 0
+    also returns what the key encoder received on each rank, and reference keys it computes itself."""
+    model = tiny_method(MoCoV2)  # same seed: the same weights on both ranks; train mode: batch statistics
+    received: list[torch.Tensor] = []
+    hook = model.key_backbone.register_forward_hook(lambda module, args, out: received.append(args[0].clone()))
+    keys = model.encode_keys(images.chunk(world_size)[rank], batch_idx=3)
+    hook.remove()
+
+    def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.zeros_like(tensor) for _ in range(world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return parts
+
+    slices = gather(received[0])
+    with torch.no_grad():  # the key encoder by hand on each rank's slice, and on each rank's own unshuffled shard
+        encode = lambda x: torch.nn.functional.normalize(model.key_projector(model.key_backbone(x)), dim=1)  # noqa: E731
+        by_hand = [encode(s) for s in slices]
+        unshuffled = [encode(shard) for shard in images.chunk(world_size)]
+    return {"keys": torch.cat(gather(keys)), "slices": torch.cat(slices), "by_hand": torch.cat(by_hand),
+            "unshuffled": torch.cat(unshuffled)}
+
+
+def test_moco_v2_shuffle_bn_gives_each_key_back_to_its_sample(two_processes: dict) -> None:
+    """On 2 processes the key encoder's BatchNorm sees a shuffled split of the global batch; every key
+    returned must be the one computed from its own sample within that split."""
+    images, result = two_processes["images"], two_processes["result"]["moco"]
+    slices = result["slices"]  # the shuffled global batch, rank 0's slice first
+    source = [next(j for j in range(8) if torch.equal(row, images[j])) for row in slices]
+    assert sorted(source) == list(range(8)), "the slices are not a permutation of the global batch"
+    assert set(source[:4]) != {0, 1, 2, 3}, "the shuffle kept every sample on its own rank"
+    expected = torch.empty_like(result["by_hand"])
+    expected[source] = result["by_hand"]  # row i of the shuffled batch belongs to sample source[i]
+    torch.testing.assert_close(result["keys"], expected, rtol=1e-5, atol=1e-6)
+    assert (result["keys"] - result["unshuffled"]).abs().max() > 1e-3, "shuffle-BN changed no key"
 
 
 def test_shuffle_bn_is_a_no_op_on_one_process() -> None:
