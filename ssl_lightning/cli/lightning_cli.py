@@ -76,10 +76,13 @@ class SSLLightningCLI(LightningCLI):
     - Optimizers are each method's own recipe (``model.init_args.optim``): ``auto_configure_optimizers`` is
       off, so a generic ``--optimizer`` cannot silently replace the parameter groups.
     - Abbreviated options are refused (``--trainer.max_epoch`` is not ``--trainer.max_epochs``).
+    - ``run=False`` parses and instantiates everything (model, datamodule, trainer, run folder) exactly as
+      ``run=True`` does, then stops before the subcommand runs: the classes a config builds, without training.
     """
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], run: bool = True) -> None:
         self.raw_args = args
+        self.run_subcommand = run
         self.run: Optional[RunFolder] = None
         base = sibling_base_config(args)
         parser_kwargs: dict[str, Any] = {"allow_abbrev": False, "exit_on_error": False}
@@ -151,10 +154,15 @@ class SSLLightningCLI(LightningCLI):
         if self.run is not None:
             self.save_config_kwargs["run_dir"] = self.run.path
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        if self.run_subcommand:
+            super()._run_subcommand(subcommand)
 
-def run_cli(args: list[str]) -> SSLLightningCLI:
-    """Parse ``args`` and run the subcommand (``fit``, ``validate``, ...); errors are raised, not printed."""
-    return SSLLightningCLI(args)
+
+def run_cli(args: list[str], run: bool = True) -> SSLLightningCLI:
+    """Parse ``args`` and run the subcommand (``fit``, ``validate``, ...); errors are raised, not printed.
+    ``run=False``: build the model, datamodule and trainer the subcommand would use, and stop there."""
+    return SSLLightningCLI(args, run=run)
 
 
 if __name__ == "__main__":
