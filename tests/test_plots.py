@@ -11,6 +11,7 @@ import wandb
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from ssl_lightning.eval import plots
 from ssl_lightning.eval.plots import (
     confusion_matrix_plot,
     log_images,
@@ -42,7 +43,7 @@ def clusters(n: int = 100, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor
 def test_tsne_and_confusion_matrix_of_an_evaluation(tmp_path: Path) -> None:
     features, labels = clusters()
     paths = write_eval_plots(features, labels, tmp_path / "plots", predictions=labels, class_names=list("abcde"))
-    expected = ["tsne", *(["umap"] if umap_available() else []), "confusion"]
+    expected = ["tsne", "umap", "confusion"]
     assert paths == [tmp_path / "plots" / f"{name}.png" for name in expected]
     for path in paths:
         assert_png(path)
@@ -58,13 +59,30 @@ def test_subsample_is_seeded_sorted_and_bounded() -> None:
     np.testing.assert_array_equal(subsample(50, 2000, seed=0), np.arange(50))
 
 
-def test_umap_is_optional(tmp_path: Path) -> None:
+def test_umap_plot_separates_clusters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """umap-learn is a test dependency (the ``dev`` extra): the plot is drawn, and the 2-D points it draws keep
+    5 well-separated clusters apart (leave-one-out nearest neighbour in the plane finds the class)."""
+    assert umap_available(), "umap-learn is missing: pip install -e '.[dev]'"
+    drawn: list[np.ndarray] = []
+    scatter = plots.scatter_plot
+
+    def keep_points(points: np.ndarray, *args, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+        drawn.append(points)
+        return scatter(points, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "scatter_plot", keep_points)
     features, labels = clusters()
-    path = umap_plot(features, labels, tmp_path / "umap.png")
-    if umap_available():
-        assert_png(path)
-    else:
-        assert path is None and not (tmp_path / "umap.png").exists()
+    assert_png(umap_plot(features, labels, tmp_path / "umap.png"))
+    points = torch.as_tensor(drawn[0], dtype=torch.float64)
+    assert points.shape == (100, 2)
+    distances = torch.cdist(points, points).fill_diagonal_(float("inf"))
+    assert (labels[distances.argmin(dim=1)] == labels).double().mean() > 0.9
+
+
+def test_umap_is_skipped_without_umap_learn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plots, "umap_available", lambda: False)
+    features, labels = clusters()
+    assert umap_plot(features, labels, tmp_path / "umap.png") is None and not (tmp_path / "umap.png").exists()
 
 
 def test_confusion_matrix_png_and_errors(tmp_path: Path) -> None:
