@@ -164,24 +164,47 @@ def test_callback_does_not_change_backbone_gradients_or_training(make_callback) 
         assert callback.before is not None and callback.after is not None
 
 
+class SeededViews(Views):
+    """Views whose noise depends on the item alone: every epoch, and a resumed run, sees the same data."""
+
+    def __getitem__(self, i: int) -> dict:
+        generator = torch.Generator().manual_seed(i)
+        return {"views": [self.x[i] + 0.1 * torch.randn(3, 4, 4, generator=generator) for _ in range(2)],
+                "label": self.y[i]}
+
+
+class SeededToyData(ToyData):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(SeededViews(self.x_train, self.y_train), self.batch_size, shuffle=False, drop_last=True)
+
+
 def test_probe_learns_separable_classes_and_resumes(tmp_path) -> None:
     probe = OnlineLinearProbe(lr=0.05)
-    trainer, model = fit([probe], max_epochs=6)
+    trainer, model = fit([probe], data=SeededToyData(), max_epochs=6)
     data = trainer.datamodule  # the logged top-1 is in percent, as val/knn_top1: the final head on the val features
     features, labels = extract_features(model, data.eval_loader(data.val_dataset()), "cpu")
     with torch.no_grad():
         reference = 100.0 * (probe.head(features).argmax(1) == labels).double().mean().item()
     assert trainer.callback_metrics["val/probe_top1"].item() == pytest.approx(reference) and reference > 95
     assert torch.isfinite(trainer.callback_metrics["train/probe_loss"])
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
 
+    # stopped after 3 of 6 epochs and resumed: the 3 epochs trained after the resume end where the
+    # uninterrupted run does (head, probe optimizer, backbone)
+    stopped = OnlineLinearProbe(lr=0.05)
+    fit([stopped], data=SeededToyData(), max_epochs=3)[0].save_checkpoint(tmp_path / "epoch3.ckpt")
+    at_checkpoint = stopped.head.weight.detach().clone()
     restored = OnlineLinearProbe(lr=0.05)
-    fit([restored], model=TinyMethod(), max_epochs=6, ckpt_path=str(tmp_path / "last.ckpt"))
+    resumed, resumed_model = fit([restored], data=SeededToyData(), model=TinyMethod(), max_epochs=6,
+                                 ckpt_path=str(tmp_path / "epoch3.ckpt"))
+    assert resumed.global_step == trainer.global_step == 6 * 4
+    assert not torch.equal(restored.head.weight, at_checkpoint)  # it trained after resuming
     assert torch.equal(restored.head.weight, probe.head.weight) and torch.equal(restored.head.bias, probe.head.bias)
     state, expected = restored.optimizer.state_dict()["state"], probe.optimizer.state_dict()["state"]
-    assert state.keys() == expected.keys()
+    assert state.keys() == expected.keys() and state
     for key in state:
         assert all(torch.equal(state[key][name], expected[key][name]) for name in state[key])
+    for (name, p), q in zip(model.backbone.named_parameters(), resumed_model.backbone.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_unlabeled_data_trains_with_probe_and_knn_disabled(monkeypatch, capsys) -> None:
