@@ -1,5 +1,6 @@
-"""DINO's loss against a loop over crop pairs, the center's EMA (also on 2 gloo processes against one process on
-the full batch) and the teacher temperature schedule. Light imports: the spawned processes import this module."""
+"""DINO's loss against a loop over crop pairs, the center's EMA, both on 2 gloo processes against one process on the
+full batch (loss, gradients and center over two steps), and the teacher temperature schedule. Light imports: the
+spawned processes import this module."""
 
 from __future__ import annotations
 
@@ -79,23 +80,44 @@ def test_center_is_an_ema_of_the_batch_mean() -> None:
         update_center_(center, torch.randn(10, 5), 0.9)
 
 
-def _center_and_loss_on_ranks(rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)  # the same full batch on every rank; each takes its own rows
-    student, teacher, center = torch.randn(3, 8, 5), torch.randn(2, 8, 5), torch.randn(1, 5)
-    mine = slice(rank * 4, rank * 4 + 4)
-    loss = dino_loss(list(student[:, mine]), list(teacher[:, mine]), center, 0.1, 0.04)
-    update_center_(center, teacher[:, mine].reshape(-1, 5), 0.9)
-    return {"centers": gather_no_grad(center), "loss": all_reduce_mean_(loss.detach().clone())}
+def _dino_batches() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two steps of student logits (step, crop, sample, K), teacher logits and the initial center."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 8, 5, generator=generator), torch.randn(2, 2, 8, 5, generator=generator), \
+        torch.randn(1, 5, generator=generator)
 
 
-def test_center_and_loss_on_two_processes_equal_one_process_on_the_full_batch() -> None:
-    result = run_distributed(_center_and_loss_on_ranks, 2)
-    torch.manual_seed(0)
-    student, teacher, center = torch.randn(3, 8, 5), torch.randn(2, 8, 5), torch.randn(1, 5)
-    loss = dino_loss(list(student), list(teacher), center, 0.1, 0.04)
-    update_center_(center, teacher.reshape(-1, 5), 0.9)
-    torch.testing.assert_close(result["centers"], torch.cat([center, center]))  # both ranks, same center
-    torch.testing.assert_close(result["loss"], loss)  # mean of the ranks' losses = full-batch loss
+def _two_steps_on_ranks(rank: int, world_size: int) -> dict[str, list[torch.Tensor]]:
+    """Each rank: its rows of two steps; the gradient of its student logits is taken of ``loss / world_size``
+    (what DDP's average of the ranks' gradients gives each rank's samples). Step 2 uses the center that step 1
+    updated, so its loss and gradients depend on the center's all-reduce (step 1's do not: the loss is local)."""
+    student, teacher, center = _dino_batches()
+    rows = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    result: dict[str, list[torch.Tensor]] = {"loss": [], "grad": [], "centers": []}
+    for step in range(2):
+        logits = student[step][:, rows].clone().requires_grad_()
+        loss = dino_loss(list(logits), list(teacher[step][:, rows]), center, 0.1, 0.04)
+        (loss / world_size).backward()
+        result["loss"].append(all_reduce_mean_(loss.detach().clone()))
+        result["grad"].append(gather_no_grad(logits.grad.transpose(0, 1)).transpose(0, 1))  # samples in rank order
+        update_center_(center, teacher[step][:, rows].reshape(-1, 5), 0.9)
+        result["centers"].append(gather_no_grad(center))
+    return result
+
+
+def test_two_steps_on_two_processes_equal_one_process_on_the_full_batch() -> None:
+    """Loss, gradients of the student logits and center, over two steps (the second with the first's center)."""
+    result = run_distributed(_two_steps_on_ranks, 2)
+    student, teacher, center = _dino_batches()
+    centers = []
+    for step in range(2):
+        logits = student[step].clone().requires_grad_()
+        loss = dino_loss(list(logits), list(teacher[step]), center, 0.1, 0.04)
+        loss.backward()
+        torch.testing.assert_close(result["grad"][step], logits.grad)
+        torch.testing.assert_close(result["loss"][step], loss.detach())
+        centers.append(torch.cat([update_center_(center, teacher[step].reshape(-1, 5), 0.9)] * 2))
+    torch.testing.assert_close(result["centers"], centers)  # both ranks, the same center
 
 
 def test_teacher_temperature_warms_up_linearly_then_stays() -> None:
