@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ssl_lightning.callbacks import KNNMonitor, OnlineLinearProbe, ViewGridLogger
 from ssl_lightning.callbacks import knn_monitor, online_probe
-from ssl_lightning.eval import extract_features, knn_top1
+from ssl_lightning.scoring import extract_features, knn_top1
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -18,7 +18,7 @@ from ssl_lightning.datamodules import ImageFolder, SSLDataModule
 from ssl_lightning.datamodules.base import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from ssl_lightning.eval import command
 from ssl_lightning.eval.checkpoint import untrained_method
-from ssl_lightning.eval.features import extract_features
+from ssl_lightning.scoring import extract_features
 from ssl_lightning.methods import SimCLR, SSLMethod
 from ssl_lightning.transforms import SimCLRViews
 

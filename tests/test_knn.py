@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_lightning.eval import extract_features, knn_accuracy, knn_predict, knn_top1
+from ssl_lightning.scoring import extract_features, knn_accuracy, knn_predict, knn_top1
 
 
 def reference_knn(query, bank, bank_labels, num_classes, k, temperature):

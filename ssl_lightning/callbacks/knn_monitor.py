@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from ssl_lightning.distributed import gather_variable_length, rank, world_size
-from ssl_lightning.eval import extract_features, knn_top1
+from ssl_lightning.scoring import extract_features, knn_top1
 
 
 class KNNMonitor(Callback):

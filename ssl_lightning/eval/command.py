@@ -35,9 +35,9 @@ import ssl_lightning.datamodules  # noqa: F401  (configs name datamodules by sho
 from ssl_lightning.datamodules import SSLDataModule
 from ssl_lightning.eval.cache import FeatureCache, feature_cache_key, file_sha256
 from ssl_lightning.eval.checkpoint import load_checkpoint_safely, load_method, training_normalization, untrained_method
-from ssl_lightning.eval.features import extract_features
+from ssl_lightning.scoring import extract_features
 from ssl_lightning.eval.finetune import FineTuneConfig, finetune
-from ssl_lightning.eval.knn import knn_accuracy
+from ssl_lightning.scoring import knn_accuracy
 from ssl_lightning.eval.label_fractions import images_per_class, label_fraction_indices
 from ssl_lightning.eval.linear_probe import LinearProbeResult, linear_probe
 from ssl_lightning.eval.plots import write_eval_plots

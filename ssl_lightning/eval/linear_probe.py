@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_lightning.eval.metrics import topk_accuracy
+from ssl_lightning.scoring.metrics import topk_accuracy
 
 BN_EPS = 1e-5  # added to the variance, as nn.BatchNorm1d
 

@@ -17,12 +17,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ssl_lightning.transforms.simclr import blur_kernel_size
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the recipe's type only: at run time simclr.py imports this module, never the reverse
     from ssl_lightning.transforms.simclr import SimCLRViews
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+
+
+def blur_kernel_size(size: int) -> int:
+    """Gaussian blur kernel size: 10% of the image side, made odd (SimCLR appendix A)."""
+    return int(0.1 * size) // 2 * 2 + 1
+
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
 # Columns of the per-sample uniform draw: crop scale x10, log ratio x10, top/left, flip, jitter
 # switch, jitter factors (brightness, contrast, saturation, hue), grayscale switch, blur switch, sigma.

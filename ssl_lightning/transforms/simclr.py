@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torchvision.transforms import v2
 
-if TYPE_CHECKING:
-    from ssl_lightning.transforms.batched import BatchedViews
+from ssl_lightning.transforms.batched import BatchedViews, blur_kernel_size
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -35,11 +33,6 @@ def _triple(name: str, value: Sequence[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"{name} must have one value per RGB channel, got {value!r}")
     return values  # type: ignore[return-value]
-
-
-def blur_kernel_size(size: int) -> int:
-    """Gaussian blur kernel size: 10% of the image side, made odd (SimCLR appendix A)."""
-    return int(0.1 * size) // 2 * 2 + 1
 
 
 @dataclasses.dataclass
@@ -186,8 +179,6 @@ class SimCLRViews:
     def batched(self) -> BatchedViews:
         """The same recipe on a whole uint8 batch on its device, parameters drawn per sample (the global
         views; ``local_views().batched()`` makes the local ones)."""
-        from ssl_lightning.transforms.batched import BatchedViews
-
         return BatchedViews(self)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssl_lightning.eval.metrics import topk_accuracy
+from ssl_lightning.scoring.metrics import topk_accuracy
 
 
 def knn_predict(
