@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ssl_lightning.callbacks import KNNMonitor, OnlineLinearProbe, ViewGridLogger
 from ssl_lightning.callbacks import knn_monitor, online_probe
-from ssl_lightning.scoring import extract_features, knn_top1
+from ssl_lightning.scoring import extract_features, knn_accuracy
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -256,7 +256,7 @@ def test_knn_monitor_evaluates_final_network_once_and_prints_summary_last(
     data = trainer.datamodule
     bank = extract_features(model, data.eval_loader(data.train_eval_dataset()), "cpu")
     query = extract_features(model, data.eval_loader(data.val_dataset()), "cpu")
-    assert knn.after == knn_top1(*query, *bank, num_classes=4, k=20, temperature=0.1)
+    assert knn.after == knn_accuracy(*query, *bank, num_classes=4, k=20, temperature=0.1)[0]
     knn_logs = [(m["val/knn_top1"], step) for m, step in logger.logged if "val/knn_top1" in m]
     assert len(knn_logs) == len(steps) and knn_logs[0] == (knn.before, 0)
     assert knn_logs[-1][0] == pytest.approx(knn.after)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_lightning.scoring import extract_features, knn_accuracy, knn_predict, knn_top1
+from ssl_lightning.scoring import extract_features, knn_accuracy, knn_predict
 
 
 def reference_knn(query, bank, bank_labels, num_classes, k, temperature):
@@ -49,7 +49,6 @@ def test_knn_top1_and_top5_match_reference_ranking(k: int) -> None:
         assert scores[label] > 0 or sum(s > 0 for s in scores) >= 5
     top1, top5 = knn_accuracy(query, query_labels, bank, bank_labels, 8, k=k, temperature=0.07)
     assert top1 == pytest.approx(100 * sum(in_top1) / 30)
-    assert top1 == knn_top1(query, query_labels, bank, bank_labels, 8, k, 0.07)
     assert top5 == pytest.approx(100 * sum(in_top5) / 30) and top1 < top5 < 100
 
 
@@ -57,8 +56,8 @@ def test_knn_top1_is_percent_and_uses_neighbours() -> None:
     bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     bank_labels = torch.tensor([0, 0, 1, 1])
     query = torch.tensor([[2.0, 0.1], [0.1, 5.0], [1.0, 0.05], [0.2, 1.0]])
-    assert knn_top1(query, torch.tensor([0, 1, 0, 1]), bank, bank_labels, 2, k=2, temperature=0.1) == 100.0
-    assert knn_top1(query, torch.tensor([0, 1, 1, 0]), bank, bank_labels, 2, k=2, temperature=0.1) == 50.0
+    assert knn_accuracy(query, torch.tensor([0, 1, 0, 1]), bank, bank_labels, 2, k=2, temperature=0.1)[0] == 100.0
+    assert knn_accuracy(query, torch.tensor([0, 1, 1, 0]), bank, bank_labels, 2, k=2, temperature=0.1)[0] == 50.0
 
 
 class Probe(nn.Module):

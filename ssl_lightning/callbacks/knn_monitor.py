@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from ssl_lightning.distributed import gather_variable_length, rank, world_size
-from ssl_lightning.scoring import extract_features, knn_top1
+from ssl_lightning.scoring import extract_features, knn_accuracy
 
 
 class KNNMonitor(Callback):
@@ -86,7 +86,7 @@ class KNNMonitor(Callback):
         with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
             bank, bank_labels = self._features(pl_module, dm.eval_loader(dm.train_eval_dataset(), rank(), world_size()))
             query, query_labels = self._features(pl_module, dm.eval_loader(dm.val_dataset(), rank(), world_size()))
-        top1 = knn_top1(query, query_labels, bank, bank_labels, dm.num_classes, self.k, self.temperature)
+        top1, _ = knn_accuracy(query, query_labels, bank, bank_labels, dm.num_classes, self.k, self.temperature)
         self._evaluated_step = trainer.global_step
         self._end = time.perf_counter()
         return top1

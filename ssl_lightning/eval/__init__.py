@@ -6,7 +6,7 @@ from ssl_lightning.eval.finetune import FineTuneClassifier, FineTuneConfig, Fine
 from ssl_lightning.eval.label_fractions import label_fraction_indices
 from ssl_lightning.eval.linear_probe import LinearProbeResult, linear_probe, train_linear, train_linear_grid
 from ssl_lightning.eval.pseudo_label import PseudoLabelResult, pseudo_label_refinement, select_confident
-from ssl_lightning.scoring import extract_features, knn_accuracy, knn_predict, knn_top1, topk_accuracy
+from ssl_lightning.scoring import extract_features, knn_accuracy, knn_predict, topk_accuracy
 
 # ``checkpoint`` and ``command`` import the methods: import them as ``ssl_lightning.eval.checkpoint`` /
 # ``ssl_lightning.eval.command``.
@@ -21,7 +21,6 @@ __all__ = [
     "finetune",
     "knn_accuracy",
     "knn_predict",
-    "knn_top1",
     "label_fraction_indices",
     "LinearProbeResult",
     "linear_probe",

@@ -2,7 +2,7 @@
 extraction, weighted kNN, top-k accuracy. Depends on torch alone, so both floors above can use it."""
 
 from ssl_lightning.scoring.features import extract_features
-from ssl_lightning.scoring.knn import knn_accuracy, knn_predict, knn_top1
+from ssl_lightning.scoring.knn import knn_accuracy, knn_predict
 from ssl_lightning.scoring.metrics import topk_accuracy
 
-__all__ = ["extract_features", "knn_accuracy", "knn_predict", "knn_top1", "topk_accuracy"]
+__all__ = ["extract_features", "knn_accuracy", "knn_predict", "topk_accuracy"]

@@ -38,19 +38,6 @@ def knn_predict(
     return torch.cat(scores)
 
 
-def knn_top1(
-    query: torch.Tensor,
-    query_labels: torch.Tensor,
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-) -> float:
-    """Top-1 accuracy of :func:`knn_predict` in percent."""
-    return topk_accuracy(knn_predict(query, bank, bank_labels, num_classes, k, temperature), query_labels, 1)
-
-
 def knn_accuracy(
     query: torch.Tensor,
     query_labels: torch.Tensor,
