@@ -133,3 +133,33 @@ def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match="refusing to save a checkpoint at global step 1: 1 non-finite tensors"):
         trainer.save_checkpoint(tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+def _guard_decisions(rank: int, world_size: int) -> list[str]:
+    """One optimizer step on each rank, a NaN loss on rank 1 only: what each rank's guard decides."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    layer = torch.nn.Linear(2, 1)
+    loss = layer(torch.ones(1, 2)).sum() * (float("nan") if rank == 1 else 1.0)
+    if rank == 0:  # finite gradients on rank 0; rank 1's NaN shows only in its loss
+        loss.backward()
+    trainer = SimpleNamespace(strategy=DDPStrategy(), precision_plugin=SimpleNamespace(), global_step=5)
+    module = SimpleNamespace(__dict__={})
+    guard = NonFiniteGuard()
+    guard.on_before_backward(trainer, module, loss)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    try:
+        guard.on_before_optimizer_step(trainer, module, optimizer)
+    except NonFiniteError as error:
+        return [str(error)]
+    return ["trained on"]
+
+
+def test_every_rank_stops_when_one_rank_diverges() -> None:
+    """The flag is all-reduced: rank 0, whose own loss and gradients are finite, stops too (no rank hangs)."""
+    from tests.ddp_utils import run_distributed
+
+    (decision,) = run_distributed(_guard_decisions, 2)
+    assert "at global step 5" in decision and "loss (on another rank)" in decision
