@@ -78,8 +78,14 @@ class SSLMethod(LightningModule):
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def frozen_copy(self, module: nn.Module) -> nn.Module:
-        """A copy of ``module`` with the same weights and no gradient: a target network updated by EMA."""
+        """A copy of ``module`` with the same weights and no gradient: a target network updated by EMA.
+
+        The copy has no stochastic depth (timm's ``DropPath``): the teachers of DINO, iBOT, DINOv2, MSN and
+        I-JEPA's target encoder run the whole network, as their reference code."""
         target = copy.deepcopy(module).requires_grad_(False)
+        for submodule in target.modules():
+            if hasattr(submodule, "drop_prob"):
+                submodule.drop_prob = 0.0
         if module is self.backbone and self.hparams.get("compile_backbone"):
             target.compile()  # deepcopy drops the compiled forward
         return target

