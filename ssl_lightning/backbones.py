@@ -7,7 +7,7 @@ multiplier; ViTs come from timm (Dosovitskiy et al. 2021).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -18,7 +18,12 @@ _RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
-_VITS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+_VITS = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+}
 
 
 class ResNetTrunk(nn.Module):
@@ -73,11 +78,23 @@ class ResNetTrunk(nn.Module):
 
 
 class TimmViT(nn.Module):
-    """A timm Vision Transformer returning the pooled (class-token) feature.
+    """A timm Vision Transformer returning the pooled feature (the class token, or the mean patch token with
+    ``global_pool="avg"``), with token-level access for masked and distillation methods.
 
     ``dynamic_img_size`` (on by default) lets it take images of another size than ``image_size`` (sides
     multiples of ``patch_size``) by interpolating the position embeddings, as multi-crop's small local crops
-    need (Caron et al. 2021); at ``image_size`` the output is unchanged.
+    need (Caron et al. 2021); at ``image_size`` the output is unchanged. timm's own options pass through
+    ``timm_kwargs``: ``reg_tokens`` (Darcet et al. 2024), ``init_values`` (LayerScale, Touvron et al. 2021),
+    ``drop_path_rate``, ``class_token``, ``global_pool``.
+
+    Token-level API (``forward(x) == pool(encode(embed(x)))``):
+      ``embed(images, mask, mask_token)``: prefix tokens ([CLS], registers) then patch tokens, positions added;
+        masked patches replaced by ``mask_token`` before the positions (iBOT, SimMIM).
+      ``keep_patches(tokens, indices)``: the prefix tokens and the patch tokens at ``indices`` (I-JEPA, MSN): the
+        blocks never see the dropped patches.
+      ``encode(tokens, attn_mask)``: the blocks (an optional attention mask, e.g. AIM's prefix-causal one) and
+        the final norm.
+      ``pool(tokens)``, ``class_token(tokens)``, ``patch_tokens(tokens)``.
     """
 
     def __init__(
@@ -91,6 +108,8 @@ class TimmViT(nn.Module):
         super().__init__()
         import timm
 
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.model = timm.create_model(
             timm_name,
             pretrained=False,
@@ -101,9 +120,76 @@ class TimmViT(nn.Module):
             **timm_kwargs,
         )
         self.feature_dim: int = self.model.num_features
+        self.embed_dim: int = self.model.embed_dim
+        self.patch_size = patch_size
+        self.num_prefix_tokens: int = self.model.num_prefix_tokens
+        self.has_class_token: bool = self.model.cls_token is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch rows and columns of ``images`` (B, C, H, W); an error when the patch size does not divide them."""
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not divisible by the ViT's patch size {self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
+    def embed(
+        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, num_prefix_tokens + N, D) with positions; ``mask`` (B, N) bool, True on
+        patches whose embedding ``mask_token`` (D,) replaces (BEiT / iBOT / SimMIM masked image modelling)."""
+        rows, cols = self.grid_size(images)
+        x = self.model.patch_embed(images)  # (B, rows, cols, D) with dynamic_img_size, else (B, N, D)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("TimmViT.embed: a mask needs a mask_token")
+            if tuple(mask.shape) != (images.shape[0], rows * cols):
+                raise ValueError(f"mask of shape {tuple(mask.shape)} does not match {images.shape[0]} images of "
+                                 f"{rows}x{cols} patches")
+            x = torch.where(mask.reshape(x.shape[:-1])[..., None], mask_token.to(x.dtype), x)
+        return self.model.norm_pre(self.model.patch_drop(self.model._pos_embed(x)))
+
+    def keep_patches(self, tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The prefix tokens and the patch tokens at ``indices`` (B, n) of each image: (B, num_prefix + n, D)."""
+        prefix, patches = tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :]
+        kept = torch.gather(patches, 1, indices[..., None].expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, kept], dim=1)
+
+    def encode(self, tokens: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The transformer blocks and the final norm over a token sequence (B, L, D); ``attn_mask`` (L, L) bool,
+        True where a query may attend to a key, or additive."""
+        for block in self.model.blocks:
+            tokens = block(tokens) if attn_mask is None else block(tokens, attn_mask=attn_mask)
+        return self.model.norm(tokens)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled feature (B, feature_dim) of encoded tokens: what ``forward`` returns."""
+        return self.model.forward_head(tokens, pre_logits=True)
+
+    def class_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The [CLS] output (B, D) of encoded tokens."""
+        if not self.has_class_token:
+            raise ValueError("this ViT has no class token (class_token=False)")
+        return tokens[:, 0]
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patch outputs (B, n, D) of encoded tokens (prefix tokens dropped)."""
+        return tokens[:, self.num_prefix_tokens :]
+
+
+def require_vit(backbone: nn.Module, method: str, name: str) -> TimmViT:
+    """``backbone`` if it is a timm ViT with token access; else one line naming the method and the backbone."""
+    if not isinstance(backbone, TimmViT):
+        raise ValueError(f"{method} needs a ViT backbone ({', '.join(_VITS)}), got backbone={name!r}")
+    return backbone
+
+
+def check_divisible(size: int, patch_size: int, setting: str) -> None:
+    """One line naming ``setting`` when ``patch_size`` does not divide ``size`` (an image or crop side)."""
+    if size % patch_size:
+        raise ValueError(f"{setting}={size} is not divisible by the patch size {patch_size}")
 
 
 def _resnet_builder(name: str, cifar_stem: bool) -> Callable[..., nn.Module]:

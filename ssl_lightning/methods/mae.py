@@ -7,7 +7,6 @@ normalized). One view per image (random resized crop + flip); several views are 
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
@@ -16,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from ssl_lightning.callbacks.mae_reconstruction import MAEReconstructionLogger
 from ssl_lightning.losses.mae import mae_loss, normalize_patches
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.nn.masking import default_mask_seed, step_generator
 from ssl_lightning.nn.vit_mae import MAEDecoder, patchify, unpatchify
 
 
@@ -49,7 +49,7 @@ class MAE(SSLMethod):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.mask_seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if mask_seed is None else mask_seed
+        self.mask_seed = default_mask_seed(mask_seed)
         self.patch_size = self.backbone.patch_size
         self.decoder = MAEDecoder(
             grid_size=self.backbone.grid_size,
@@ -99,6 +99,4 @@ class MAE(SSLMethod):
         return [MAEReconstructionLogger()]
 
     def _generator(self, device: torch.device, *key: int) -> torch.Generator:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(hash((self.mask_seed, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return generator
+        return step_generator(device, self.mask_seed, *key)
