@@ -1,11 +1,13 @@
 """Optimizer recipes: LARS (You et al. 2017), SGD, AdamW; linear warm-up then cosine decay;
-learning rate scaled by batch size / 256 (Goyal et al. 2017); no weight decay on biases and norms."""
+learning rate scaled by batch size / 256 (Goyal et al. 2017); no weight decay on biases and norms;
+optional layer-wise learning-rate decay of a ViT (Clark et al. 2020; Bao et al. 2022; DINOv2 pretraining)."""
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -16,7 +18,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class OptimConfig:
-    """How a method is optimized. ``lr`` is the base rate for a batch of 256 when ``scale_lr``."""
+    """How a method is optimized. ``lr`` is the base rate for a batch of 256 when ``scale_lr``.
+
+    ``layer_decay`` (ViT backbones only; ``None``: off) trains ViT layer ``i`` of ``L + 1`` at
+    ``lr * layer_decay ** (L + 1 - i)`` (``layer_decay_groups``), e.g. 0.9 in DINOv2's default recipe."""
 
     name: Literal["lars", "sgd", "adamw"] = "lars"
     lr: float = 0.3
@@ -27,6 +32,11 @@ class OptimConfig:
     lars_eta: float = 0.001
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0
+    layer_decay: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must lie in (0, 1] (or be null), got {self.layer_decay}")
 
 
 # saved in checkpoints' hyper-parameters; a plain data container, safe for ``torch.load(weights_only=True)``
@@ -101,8 +111,68 @@ def build_optimizer(
     """The optimizer ``cfg`` names over ``modules`` and ``fixed_lr_modules`` (groups marked ``fixed_lr``),
     at the learning rate scaled for ``batch_size``."""
     lr = scaled_lr(cfg.lr, batch_size, cfg.scale_lr)
-    groups = param_groups(modules, cfg.weight_decay) + param_groups(fixed_lr_modules, cfg.weight_decay, fixed_lr=True)
+    if cfg.layer_decay is None:
+        groups = param_groups(modules, cfg.weight_decay)
+    else:
+        groups = layer_decay_groups(modules, cfg.weight_decay, cfg.layer_decay, lr)
+    groups += param_groups(fixed_lr_modules, cfg.weight_decay, fixed_lr=True)
     return optimizer_for_groups(cfg, [group for group in groups if group["params"]], lr)
+
+
+_VIT_STEM = re.compile(r"^(cls_token|reg_token|register_tokens|dist_token|mask_token|pos_embed|patch_embed|norm_pre)\b")
+_VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def find_vit(modules: Iterable[nn.Module]) -> nn.Module:
+    """The one ViT trunk inside ``modules``: a module with a ``patch_embed`` and a ``blocks`` list (timm's
+    ``VisionTransformer`` inside ``TimmViT``, MAE's encoder); one line when there is none or more than one."""
+    found: list[nn.Module] = []
+    for module in modules:
+        for sub in module.modules():
+            if hasattr(sub, "patch_embed") and isinstance(getattr(sub, "blocks", None), (nn.ModuleList, nn.Sequential)):
+                found += [] if any(sub is f for f in found) else [sub]
+    if len(found) != 1:
+        raise ValueError(
+            f"optim.layer_decay needs exactly one ViT backbone (patch_embed and blocks) among the trained modules, "
+            f"found {len(found)}; leave optim.layer_decay null for other backbones"
+        )
+    return found[0]
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """Layer of a ViT parameter named ``name`` (relative to the ViT) for lr decay: 0 for the patch embedding,
+    positions and input tokens ([CLS], registers, mask token), ``i + 1`` for block ``i``, ``num_layers + 1`` for
+    the rest (final norm); DINOv2's ``get_vit_lr_decay_rate`` and MAE's ``get_layer_id_for_vit``."""
+    if _VIT_STEM.match(name):
+        return 0
+    block = _VIT_BLOCK.match(name)
+    return int(block.group(1)) + 1 if block else num_layers + 1
+
+
+def layer_decay_groups(modules: Iterable[nn.Module], weight_decay: float, layer_decay: float, lr: float) -> list[dict]:
+    """``param_groups`` split further by ViT layer, each group at its own ``lr * layer_decay ** (L + 1 - layer)``
+    (its ``lr`` key; ``LambdaLR`` then scales each group's own rate). ``L`` is the number of blocks of the one ViT
+    in ``modules`` (``find_vit``); its parameters get ``vit_layer_id``; a parameter outside it (the heads) is in
+    the top layer ``L + 1`` (scale 1), except a ``mask_token`` of the method, an input token like [CLS] (layer 0).
+    Biases and norm weights (1-D) keep no weight decay and no LARS adaptation."""
+    modules = list(modules)
+    vit = find_vit(modules)
+    num_layers = len(vit.blocks)
+    layer_of = {id(p): vit_layer_id(name, num_layers) for name, p in vit.named_parameters()}
+    groups: dict[tuple[int, bool], dict] = {}
+    for module in modules:
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            default = 0 if name.rsplit(".", 1)[-1] == "mask_token" else num_layers + 1
+            layer, no_decay = layer_of.get(id(param), default), param.ndim <= 1
+            scale = layer_decay ** (num_layers + 1 - layer)
+            group = groups.setdefault((layer, no_decay), {
+                "params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lars_exclude": no_decay,
+                "fixed_lr": False, "lr": lr * scale, "lr_scale": scale, "layer": layer,
+            })
+            group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
 
 
 def optimizer_for_groups(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
