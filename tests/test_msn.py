@@ -110,6 +110,19 @@ def test_loss_matches_a_loop_over_anchors_and_prototypes(exponent: float, sinkho
         assert value.item() == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
+def test_loss_is_float32_under_bf16_autocast() -> None:
+    torch.manual_seed(2)
+    anchors, targets, prototypes = torch.randn(2, 6, 16), torch.randn(6, 16), torch.randn(32, 16)
+    expected = msn_loss(anchors, targets, prototypes, sinkhorn_iterations=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = msn_loss(anchors.bfloat16(), targets.bfloat16(), prototypes, sinkhorn_iterations=3)
+    assert terms.loss.dtype == torch.float32
+    # only the bf16 rounding of the inputs remains (the cosines themselves are float32)
+    again = msn_loss(anchors.bfloat16().float(), targets.bfloat16().float(), prototypes, sinkhorn_iterations=3)
+    torch.testing.assert_close(terms.loss, again.loss)
+    assert (terms.loss - expected.loss).abs() < 0.05
+
+
 def test_me_max_is_the_kl_to_the_uniform_prior_and_zero_only_there() -> None:
     p = torch.softmax(torch.randn(9), dim=0)
     entropy = -(p * p.log()).sum()

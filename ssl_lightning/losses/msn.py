@@ -27,8 +27,10 @@ class MSNTerms(NamedTuple):
 
 
 def prototype_logits(embeddings: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``cos(z_i, q_k) / temperature`` (N, K): embeddings (N, D) and prototypes (K, D) both L2-normalised."""
-    return F.normalize(embeddings, dim=-1) @ F.normalize(prototypes, dim=-1).T / temperature
+    """``cos(z_i, q_k) / temperature`` (N, K): embeddings (N, D) and prototypes (K, D) both L2-normalised; in
+    float32 with autocast off (a bf16 cosine divided by 0.025 would move a target logit by ~0.1)."""
+    with torch.autocast(embeddings.device.type, enabled=False):
+        return F.normalize(embeddings.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T / temperature
 
 
 def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,7 +76,7 @@ def msn_targets(
 ) -> torch.Tensor:
     """The target view's sharpened assignments ``p+`` (B, K) (no gradient), optionally balanced over the global
     batch by Sinkhorn-Knopp as the reference code's ``use_sinkhorn`` (its sums all-reduced across ranks)."""
-    probabilities = sharpen(torch.softmax(prototype_logits(targets.float(), prototypes.float(), temperature), -1),
+    probabilities = sharpen(torch.softmax(prototype_logits(targets, prototypes, temperature), -1),
                             sharpen_temperature)
     if sinkhorn_iterations > 0:  # Sinkhorn-Knopp on the probabilities themselves: exp(log p / 1)
         probabilities = sinkhorn_knopp(probabilities.log(), epsilon=1.0, iterations=sinkhorn_iterations)
@@ -105,7 +107,7 @@ def msn_loss(
         raise ValueError(f"msn_loss expects anchors (V, B, D) and targets (B, D), got {tuple(anchors.shape)} and "
                          f"{tuple(targets.shape)}")
     target_probabilities = msn_targets(targets, prototypes, target_temperature, sharpen_temperature, sinkhorn_iterations)
-    log_probabilities = torch.log_softmax(prototype_logits(anchors.float(), prototypes.float(), temperature), dim=-1)
+    log_probabilities = torch.log_softmax(prototype_logits(anchors, prototypes, temperature), dim=-1)
     cross_entropy = -(target_probabilities * log_probabilities).sum(dim=-1).mean()  # p+ broadcast over the V views
     regularizer = prior_kl(global_mean(log_probabilities.exp().flatten(0, 1)), prior)
     return MSNTerms(cross_entropy + regularization_weight * regularizer, cross_entropy, regularizer)
