@@ -124,16 +124,18 @@ _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def find_vit(modules: Iterable[nn.Module]) -> nn.Module:
-    """The one ViT trunk inside ``modules``: a module with a ``patch_embed`` and a ``blocks`` list (timm's
-    ``VisionTransformer`` inside ``TimmViT``, MAE's encoder); one line when there is none or more than one."""
+    """The one trained ViT trunk inside ``modules``: a module with a ``patch_embed``, a ``blocks`` list and
+    parameters that take a gradient (timm's ``VisionTransformer`` inside ``TimmViT``, MAE's encoder; a frozen EMA
+    teacher is not one); one line when there is none or more than one."""
     found: list[nn.Module] = []
     for module in modules:
         for sub in module.modules():
-            if hasattr(sub, "patch_embed") and isinstance(getattr(sub, "blocks", None), (nn.ModuleList, nn.Sequential)):
-                found += [] if any(sub is f for f in found) else [sub]
+            vit = hasattr(sub, "patch_embed") and isinstance(getattr(sub, "blocks", None), (nn.ModuleList, nn.Sequential))
+            if vit and any(p.requires_grad for p in sub.parameters()) and not any(sub is f for f in found):
+                found.append(sub)
     if len(found) != 1:
         raise ValueError(
-            f"optim.layer_decay needs exactly one ViT backbone (patch_embed and blocks) among the trained modules, "
+            f"optim.layer_decay needs exactly one trained ViT backbone (patch_embed and blocks), "
             f"found {len(found)}; leave optim.layer_decay null for other backbones"
         )
     return found[0]

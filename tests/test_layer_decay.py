@@ -4,6 +4,7 @@ parameters, the warm-up cosine schedule on top, the no-weight-decay groups kept,
 
 from __future__ import annotations
 
+import copy
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -117,8 +118,10 @@ def test_a_mask_token_of_the_method_is_an_input_token_and_other_modules_are_the_
     vit = build_backbone("vit_tiny", image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     holder = nn.Module()
     holder.backbone, holder.mask_token, holder.head = vit, nn.Parameter(torch.zeros(32)), nn.Linear(32, 4)
+    holder.teacher = copy.deepcopy(vit).requires_grad_(False)  # a frozen EMA copy is not a second ViT to decay
     groups = layer_decay_groups([holder], weight_decay=0.1, layer_decay=0.5, lr=1.0)
     scale = {id(p): group["lr"] for group in groups for p in group["params"]}
+    assert len(scale) == sum(p.requires_grad for p in holder.parameters())
     assert scale[id(holder.mask_token)] == 0.5 ** 3
     assert scale[id(holder.head.weight)] == 1.0 and scale[id(vit.model.blocks[0].attn.qkv.weight)] == 0.5 ** 2
 
@@ -132,6 +135,6 @@ def test_layer_decay_outside_zero_one_is_one_line(value: float) -> None:
 
 def test_layer_decay_needs_a_vit() -> None:
     resnet = build_backbone("cifar_resnet18", base_width=4)
-    with pytest.raises(ValueError, match="layer_decay needs exactly one ViT") as err:
+    with pytest.raises(ValueError, match="layer_decay needs exactly one trained ViT") as err:
         build_optimizer(OptimConfig(layer_decay=0.9), [resnet], 64)
     assert "\n" not in str(err.value)
