@@ -217,3 +217,29 @@ def test_image_and_view_sizes_that_mask_patches_do_not_tile_fail_in_one_line() -
         assert "\n" not in str(error.value)
     model._trainer = SimpleNamespace(datamodule=SimpleNamespace(views=SimCLRViews(16, num_views=1)))
     model.setup("fit")  # 16 px views tile into 8 px mask patches
+
+
+def test_a_convnext_masks_its_input_and_decodes_from_stride_32() -> None:
+    """ConvNeXt (timm), once registered as a backbone with ``feature_map``/``feature_stride``: the same input
+    masking and one-layer head at its stride of 32."""
+    from ssl_lightning.backbones import BACKBONES
+
+    if "convnext_atto" not in BACKBONES:
+        pytest.skip("no convnext_atto backbone registered in ssl_lightning.backbones")
+    torch.manual_seed(0)
+    model = SimMIM(backbone="convnext_atto", backbone_kwargs={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},
+                   mask_patch_size=32).eval()
+    assert model.stride == 32
+    images = torch.randn(2, 3, 64, 64)
+    mask = model.draw_mask(images, step_generator(CPU, 0, 3))
+    pixels = pixel_mask_by_loop(mask, 32)
+    changed = torch.where(pixels[:, None], torch.randn(2, 3, 64, 64) * 10, images)
+    with torch.no_grad():
+        feature_map = model.encode_masked(images, mask)[0]
+        torch.testing.assert_close(feature_map, model.encode_masked(changed, mask)[0], rtol=0, atol=0)
+        loss = model.masked_loss(images, step_generator(CPU, 0, 3))["loss"]
+        torch.testing.assert_close(loss.double(), slow_l1(slow_head(model.head, feature_map), images, pixels),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mask_patch_size=16 must be a multiple of the backbone's feature_stride 32"):
+        SimMIM(backbone="convnext_atto", backbone_kwargs={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},
+               mask_patch_size=16)
