@@ -13,12 +13,16 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 
 from ssl_lightning.optim import total_optimizer_steps
+from ssl_lightning.sharding import local_shards, reshard, sharding_of
 
 
 @torch.no_grad()
 def ema_update_(targets: list[torch.Tensor], onlines: list[torch.Tensor], momentum: float) -> None:
-    """``target = momentum * target + (1 - momentum) * online`` for every pair, in one fused call."""
-    torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
+    """``target = momentum * target + (1 - momentum) * online`` for every pair, in one fused call.
+
+    Sharded parameters (FSDP2 ``DTensor``s, ``ssl_lightning.sharding``) are averaged shard by shard: a target and
+    its online copy are split alike, so each rank lerps its local shards and nothing is gathered."""
+    torch._foreach_lerp_(local_shards(targets), local_shards(onlines), 1.0 - momentum)
 
 
 def scheduled_momentum(
@@ -77,11 +81,14 @@ class MomentumUpdate(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._targets, self._onlines = [], []
+        reshard(pl_module)  # sharded: the persistent shards, not parameters a validation forward left gathered
         for online_name, target_name in self.pairs:
             online, target = pl_module.get_submodule(online_name), pl_module.get_submodule(target_name)
             online_params, target_params = list(online.parameters()), list(target.parameters())
             if [p.shape for p in online_params] != [p.shape for p in target_params]:
                 raise ValueError(f"MomentumUpdate: {target_name!r} is not a copy of {online_name!r} (parameters differ)")
+            if [sharding_of(p) for p in online_params] != [sharding_of(p) for p in target_params]:
+                raise ValueError(f"MomentumUpdate: {target_name!r} is not sharded like {online_name!r}")
             if any(p.requires_grad for p in target_params):
                 raise ValueError(f"MomentumUpdate: the target {target_name!r} must be frozen (requires_grad=False)")
             self._onlines += online_params

@@ -19,6 +19,7 @@ import torch
 from ssl_lightning.methods import SSLMethod
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+DISTRIBUTED_METADATA = "meta.pt"  # Lightning's file of everything but the shards in a distributed checkpoint folder
 
 
 def _foreign(path: Path, what: str) -> ValueError:
@@ -37,6 +38,12 @@ def load_checkpoint_safely(path: str | Path, weights_only: bool = True) -> dict[
     ``torch.save`` archive, holds a class safe loading does not allow, or is not a dict with a ``state_dict``.
     """
     path = Path(path)
+    if path.is_dir() and (path / DISTRIBUTED_METADATA).is_file():
+        raise ValueError(
+            f"{path} is a distributed checkpoint folder (ModelParallelStrategy(save_distributed_checkpoint=True)), whose "
+            "index torch reads with plain pickle; train with save_distributed_checkpoint: false for a single-file "
+            "checkpoint, or convert a folder you trust with ssl_lightning.eval.checkpoint.consolidate_checkpoint"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
     if not zipfile.is_zipfile(path):
@@ -61,6 +68,27 @@ def load_checkpoint_safely(path: str | Path, weights_only: bool = True) -> dict[
         keys = ", ".join(map(repr, list(checkpoint)[:6])) or "none"
         raise _foreign(path, f"a dict without a 'state_dict' (keys: {keys})")
     return checkpoint
+
+
+def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
+    """A single-file checkpoint (weights unsharded, no optimizer states: for ``eval`` and ``export``, not for resuming)
+    from a distributed checkpoint folder of ``ModelParallelStrategy(save_distributed_checkpoint=True)``. Only for
+    folders you trust: torch's ``dcp_to_torch_save`` reads the folder's ``.metadata`` with plain pickle."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder, output = Path(folder), Path(output)
+    if not (folder / DISTRIBUTED_METADATA).is_file():
+        raise ValueError(f"{folder} is not a distributed checkpoint folder (no {DISTRIBUTED_METADATA})")
+    checkpoint = torch.load(folder / DISTRIBUTED_METADATA, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "shards.pt")
+        checkpoint["state_dict"] = torch.load(Path(tmp) / "shards.pt", map_location="cpu", weights_only=True)["state_dict"]
+    checkpoint.pop("optimizer_states", None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, output)
+    return output
 
 
 def _method_class(checkpoint: dict[str, Any], path: str | Path) -> type[SSLMethod]:

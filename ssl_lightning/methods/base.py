@@ -12,6 +12,7 @@ from torch import nn
 from ssl_lightning.backbones import build_backbone
 from ssl_lightning.callbacks.nonfinite import record_train_value
 from ssl_lightning.optim import OptimConfig, build_optimizer, constant_lr, warmup_cosine, warmup_cosine_steps
+from ssl_lightning.sharding import apply_activation_checkpointing, data_parallel_mesh, shard, transformer_blocks
 
 
 class SSLMethod(LightningModule):
@@ -23,6 +24,8 @@ class SSLMethod(LightningModule):
         optim: the optimizer recipe (LARS/SGD/AdamW, base lr per 256 images, warm-up then cosine).
         channels_last: run convolutional backbones in channels-last memory format.
         compile_backbone: ``torch.compile`` the backbone (keeps state-dict keys).
+        activation_checkpointing: recompute each transformer block's activations in the backward instead of
+            keeping them (``ssl_lightning.sharding``; ViTs; with or without sharding).
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class SSLMethod(LightningModule):
         optim: Optional[OptimConfig] = None,
         channels_last: bool = False,
         compile_backbone: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -42,6 +46,19 @@ class SSLMethod(LightningModule):
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         if compile_backbone:
             self.backbone.compile()
+        if activation_checkpointing and not transformer_blocks(self.backbone):
+            raise ValueError(f"activation_checkpointing=True needs a ViT backbone (transformer blocks), got {backbone!r}")
+        self.activation_checkpointing = activation_checkpointing
+
+    def configure_model(self) -> None:
+        """Lightning's hook, called once the processes are up: activation checkpointing of every transformer
+        block when ``activation_checkpointing``, then, under ``ModelParallelStrategy`` (``self.device_mesh``
+        set), FSDP2 sharding of the blocks of every submodule (student, EMA teacher, decoder, predictor) and of
+        the method as the root (``ssl_lightning.sharding``)."""
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(self)
+        if self.device_mesh is not None:
+            shard(self, data_parallel_mesh(self.device_mesh))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features of ``images``: what downstream evaluation uses."""
