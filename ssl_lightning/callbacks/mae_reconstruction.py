@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid
 
 from ssl_lightning.callbacks.image_logging import log_image_grid
+from ssl_lightning.sharding import is_sharded
 
 
 class MAEReconstructionLogger(Callback):
@@ -22,6 +23,8 @@ class MAEReconstructionLogger(Callback):
     Needs ``pl_module.reconstruct(images, generator) -> (reconstruction, mask)`` (mask 1 on hidden pixels)
     and the datamodule's ``mean``/``std``. The grid goes to every W&B and TensorBoard logger as
     ``mae_reconstruction`` and to ``mae_reconstruction.png`` in ``trainer.log_dir`` (latest), on rank 0.
+    A sharded model (FSDP, ``ssl_lightning.sharding``) gathers its weights collectively, so there every rank
+    runs the reconstruction of its own first images and rank 0 logs its grid.
     """
 
     def __init__(self, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0) -> None:
@@ -38,7 +41,7 @@ class MAEReconstructionLogger(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._images is None and trainer.is_global_zero:
+        if self._images is None and (trainer.is_global_zero or is_sharded(pl_module)):
             self._images = batch["views"][0][: self.num_images].detach().clone()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -51,10 +54,11 @@ class MAEReconstructionLogger(Callback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._logged_step = trainer.global_step
-        if not trainer.is_global_zero or self._images is None:
+        if not (trainer.is_global_zero or is_sharded(pl_module)) or self._images is None:
             return
         grid = self.grid(pl_module, self._images, trainer.datamodule.mean, trainer.datamodule.std)
-        log_image_grid(trainer, "mae_reconstruction", grid, self._log_dir)
+        if trainer.is_global_zero:
+            log_image_grid(trainer, "mae_reconstruction", grid, self._log_dir)
 
     @torch.no_grad()
     def grid(self, pl_module: pl.LightningModule, images: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ssl_lightning.sharding import local_shards, sharding_of
+
 _RECORD = "_nonfinite_guard_values"  # the module attribute holding this step's logged train/ tensors
 
 
@@ -77,6 +79,7 @@ class NonFiniteGuard(Callback):
         loss_bad = self._loss_bad if self._loss_bad is not None else torch.tensor(False, device=pl_module.device)
         self._loss_bad = None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [g for g in local_shards(grads) if g.numel()]  # sharded (FSDP): this rank's shards; the reduce joins them
         grads_bad = torch.zeros_like(loss_bad)
         if scaler is None and grads:  # max |g| per tensor: NaN and inf propagate, no overflow
             grads_bad = ~torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all().to(loss_bad.device)
@@ -117,8 +120,10 @@ class NonFiniteGuard(Callback):
         tensors = {k: v for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v) and v.is_floating_point()}
         if not tensors:
             return
-        finite = torch.stack([torch.isfinite(v).all().cpu() for v in tensors.values()]).tolist()
-        bad = [name for name, ok in zip(tensors, finite) if not ok]
+        bad_flags = torch.stack([~torch.isfinite(v).all() for v in local_shards(list(tensors.values()))]).float()
+        if any(sharding_of(v) for v in tensors.values()):  # a distributed checkpoint: each rank checks its shards
+            bad_flags = trainer.strategy.reduce(bad_flags, reduce_op="max")
+        bad = [name for name, flag in zip(tensors, bad_flags.tolist()) if flag]
         if bad:
             raise NonFiniteError(
                 f"{type(pl_module).__name__}: refusing to save a checkpoint at global step {trainer.global_step}: "
