@@ -165,3 +165,20 @@ def test_ranks_left_to_tensor_parallelism_fail_with_one_line() -> None:
     assert sharding.data_parallel_mesh(mesh).sizes == {"data_parallel": 2}
     with pytest.raises(ValueError, match=r"tensor_parallel_size=8, .* data_parallel_size to the number of processes \(8\)"):
         sharding.data_parallel_mesh(_Mesh({"data_parallel": 1, "tensor_parallel": 8}))
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_activation_checkpointing_recomputes_each_block_in_the_backward(activation_checkpointing: bool) -> None:
+    """With it on, a block's layers run again during the backward (the recomputation), names unchanged."""
+    model = build("mae", activation_checkpointing=activation_checkpointing)
+    keys = list(model.state_dict())
+    model.configure_model()  # no device mesh: checkpointing only
+    assert not sharding.is_sharded(model) and list(model.state_dict()) == keys
+    calls, layer = [], model.backbone.blocks[0].mlp.fc1  # the recomputation runs no forward hooks: wrap forward
+    forward = layer.forward
+    layer.forward = lambda x: (calls.append(1), forward(x))[1]
+    images = torch.randn(2, 3, 16, 16)
+    loss = model.masked_loss(images, torch.Generator().manual_seed(0))[0]
+    assert len(calls) == 1
+    loss.backward()
+    assert len(calls) == (2 if activation_checkpointing else 1)
