@@ -59,7 +59,9 @@ class MSN(SSLMethod):
 
     Views (``batch["views"]``): ``views[0]`` is the target view; the other global views (or ``views[0]`` itself
     when it is the only one) are the masked anchors; the local views are the focal anchors (not masked, as the
-    reference code). ``forward`` (evaluation) is the student backbone on the whole image ([CLS]).
+    reference code). ``forward`` (evaluation) is the student backbone on the whole image ([CLS]); the ``features`` a
+    training step returns for the online probe are those of the first masked anchor, as MAE's. Global and focal
+    views are told apart by size (the leading views of ``views[0]``'s shape are the global ones).
     """
 
     def __init__(
