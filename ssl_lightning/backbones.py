@@ -158,8 +158,9 @@ class TimmViT(nn.Module):
         return torch.cat([prefix, kept], dim=1)
 
     def encode(self, tokens: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The transformer blocks and the final norm over a token sequence (B, L, D); ``attn_mask`` (L, L) bool,
-        True where a query may attend to a key, or additive."""
+        """The transformer blocks and the final norm over a token sequence (B, L, D); ``attn_mask`` (L, L) or
+        (B, 1, L, L) (one per image, e.g. AIM's prefixes), bool (True where a query may attend to a key) or additive.
+        With ``global_pool="avg"`` set ``fc_norm: false``: timm's default then moves the final norm after pooling."""
         for block in self.model.blocks:
             tokens = block(tokens) if attn_mask is None else block(tokens, attn_mask=attn_mask)
         return self.model.norm(tokens)

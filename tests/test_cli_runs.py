@@ -74,6 +74,19 @@ def test_resume_refuses_another_method_and_changed_settings(tmp_path: Path) -> N
         fit(f"--ckpt_path={checkpoint}", "--model.init_args.backbone=cifar_resnet34")
 
 
+def test_a_setting_added_after_the_checkpoint_resumes_at_its_default_only(tmp_path: Path) -> None:
+    cli = fit("--trainer.max_steps=1")
+    path = Path(cli.trainer.checkpoint_callback.last_model_path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["hyper_parameters"]["activation_checkpointing"]  # as a checkpoint written before the setting
+    older = path.with_name("older.ckpt")
+    torch.save(checkpoint, older)
+    with pytest.raises(ResumeError, match=r"activation_checkpointing: checkpoint '<absent>', given True"):
+        fit(f"--ckpt_path={older}", "--model.init_args.activation_checkpointing=true", "--trainer.max_steps=2")
+    resumed = fit(f"--ckpt_path={older}", "--trainer.max_steps=2")
+    assert resumed.trainer.global_step == 2
+
+
 def test_wandb_runs_are_named_after_the_config_and_carry_the_whole_config(tmp_path: Path, monkeypatch) -> None:
     import wandb
 

@@ -104,6 +104,24 @@ HEADS: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
     # a convolution to 2 (ab) channels, or one per ab bin (written here as "any")
     "Colorization": lambda a, f: {"decoder.out.weight": (2 if a["mode"] == "regression" else None, None, 3, 3)},
     "Inpainting": lambda a, f: {"decoder.out.weight": (3, None, 3, 3)},
+    "IBOT": lambda a, f: {
+        "head": mlp(f, a["hidden_dim"], a["bottleneck_dim"], a["head_layers"]) + chain(a["bottleneck_dim"], a["out_dim"]),
+        "teacher_head": mlp(f, a["hidden_dim"], a["bottleneck_dim"], a["head_layers"]) + chain(a["bottleneck_dim"], a["out_dim"]),
+        "center": (1, a["out_dim"]), "patch_center": (1, a["patch_out_dim"] or a["out_dim"]), "mask_token": (f,)},
+    "DINOv2": lambda a, f: {
+        name: mlp(f, a["hidden_dim"], a["bottleneck_dim"], a["head_layers"]) + chain(a["bottleneck_dim"], a[dim] or a["out_dim"])
+        for name, dim in (("head", "out_dim"), ("teacher_head", "out_dim"), ("patch_head", "patch_out_dim"),
+                          ("teacher_patch_head", "patch_out_dim"))},
+    "IJEPA": lambda a, f: {"predictor.embed": chain(f, a["predictor_dim"]), "predictor.proj": chain(a["predictor_dim"], f),
+                           "predictor.mask_token": (a["predictor_dim"],)},
+    "SimMIM": lambda a, f: {"head.0.weight": (a["backbone_kwargs"]["patch_size"] ** 2 * 3, f, 1, 1), "mask_token": (f,)},
+    "MSN": lambda a, f: {"head": mlp(f, a["projection_hidden_dim"], a["projection_dim"], 3),
+                         "target_head": mlp(f, a["projection_hidden_dim"], a["projection_dim"], 3),
+                         "prototypes": (a["num_prototypes"], a["projection_dim"])},
+    # a linear layer in, residual MLP blocks (expansion head_mlp_ratio), a linear layer to the pixels of a patch
+    "AIM": lambda a, f: {"head.proj_in": chain(f, a["head_dim"]),
+                         "head.proj_out": chain(a["head_dim"], a["backbone_kwargs"]["patch_size"] ** 2 * 3)},
+    "LeJEPA": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"])},
 }
 
 

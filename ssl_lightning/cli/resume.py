@@ -9,6 +9,8 @@ length, loggers, callbacks) are the command line's and apply.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 from typing import Any
 
 from jsonargparse import Namespace
@@ -34,6 +36,24 @@ def canonical(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return float(value)
     return str(value)
+
+
+def init_defaults(class_path: str) -> dict[str, Any]:
+    """The default of every ``__init__`` argument of the class at ``class_path`` and its bases ({} if it cannot
+    be imported): a setting added after a checkpoint was written is absent from it and resumes at its default."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            for arg, parameter in inspect.signature(init).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[arg] = canonical(parameter.default)
+    return defaults
 
 
 def short_class(class_path: Any) -> str:
@@ -69,6 +89,8 @@ def check_resume(ckpt_path: str, checkpoint: dict[str, Any], model: Namespace, d
                 f"{ckpt_path} has backbone {hparams.get('backbone')!r} {hparams.get('backbone_kwargs') or {}}; the config "
                 f"has {init_args.get('backbone')!r} {init_args.get('backbone_kwargs') or {}}"
             )
+    defaults = init_defaults(str(hparams["_class_path"]))
+    given = {k: v for k, v in given.items() if k in saved or k not in defaults or v != defaults[k]}
     changed = differences(saved, given)
     if changed:
         raise ResumeError(

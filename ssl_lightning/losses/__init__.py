@@ -8,6 +8,13 @@ from ssl_lightning.losses.swav import sinkhorn_knopp, swav_loss
 from ssl_lightning.losses.dino import dino_loss, teacher_entropy, teacher_temperature, update_center_
 from ssl_lightning.losses.barlow_twins import BarlowTwinsLoss, barlow_twins_loss
 from ssl_lightning.losses.vicreg import VICRegLoss, vicreg_loss
+from ssl_lightning.losses.ibot import cross_view_loss, ibot_patch_loss, masked_patch_weights
+from ssl_lightning.losses.koleo import koleo_loss
+from ssl_lightning.losses.ijepa import ijepa_loss, layer_normed_targets
+from ssl_lightning.losses.simmim import simmim_loss
+from ssl_lightning.losses.msn import MSNTerms, msn_loss, msn_targets, power_law_prior, prior_kl, sharpen
+from ssl_lightning.losses.aim import aim_loss
+from ssl_lightning.losses.sigreg import LeJEPALoss, epps_pulley, lejepa_loss, lejepa_prediction_loss, sigreg, slice_directions
 
 __all__ = [
     "nt_xent_loss",
@@ -27,4 +34,24 @@ __all__ = [
     "barlow_twins_loss",
     "VICRegLoss",
     "vicreg_loss",
+    "cross_view_loss",
+    "ibot_patch_loss",
+    "masked_patch_weights",
+    "koleo_loss",
+    "ijepa_loss",
+    "layer_normed_targets",
+    "simmim_loss",
+    "MSNTerms",
+    "msn_loss",
+    "msn_targets",
+    "power_law_prior",
+    "prior_kl",
+    "sharpen",
+    "aim_loss",
+    "LeJEPALoss",
+    "epps_pulley",
+    "lejepa_loss",
+    "lejepa_prediction_loss",
+    "sigreg",
+    "slice_directions",
 ]

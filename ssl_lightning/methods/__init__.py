@@ -16,6 +16,13 @@ from ssl_lightning.methods.inpainting import Inpainting
 from ssl_lightning.methods.swav import SwAV
 from ssl_lightning.methods.barlow_twins import BarlowTwins
 from ssl_lightning.methods.vicreg import VICReg
+from ssl_lightning.methods.ibot import IBOT
+from ssl_lightning.methods.dinov2 import DINOv2
+from ssl_lightning.methods.ijepa import IJEPA
+from ssl_lightning.methods.simmim import SimMIM
+from ssl_lightning.methods.msn import MSN
+from ssl_lightning.methods.aim import AIM
+from ssl_lightning.methods.lejepa import LeJEPA
 
 __all__ = [
     "SSLMethod",
@@ -34,4 +41,11 @@ __all__ = [
     "SwAV",
     "BarlowTwins",
     "VICReg",
+    "IBOT",
+    "DINOv2",
+    "IJEPA",
+    "SimMIM",
+    "MSN",
+    "AIM",
+    "LeJEPA",
 ]

@@ -11,7 +11,15 @@ from torch import nn
 
 from ssl_lightning.backbones import build_backbone
 from ssl_lightning.callbacks.nonfinite import record_train_value
-from ssl_lightning.optim import OptimConfig, build_optimizer, constant_lr, warmup_cosine, warmup_cosine_steps
+from ssl_lightning.optim import (
+    OptimConfig,
+    build_optimizer,
+    constant_lr,
+    cosine_schedule,
+    total_optimizer_steps,
+    warmup_cosine,
+    warmup_cosine_steps,
+)
 from ssl_lightning.sharding import apply_activation_checkpointing, data_parallel_mesh, shard, transformer_blocks
 
 
@@ -146,4 +154,20 @@ class SSLMethod(LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, [constant_lr if group.get("fixed_lr") else factor for group in optimizer.param_groups]
         )
+        for group in optimizer.param_groups:  # a weight-decay schedule leaves the bias/norm groups at 0
+            group["scheduled_weight_decay"] = group["weight_decay"] > 0
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def schedule_weight_decay(self, final_weight_decay: Optional[float]) -> None:
+        """Set this step's weight decay: cosine from ``optim.weight_decay`` to ``final_weight_decay`` over the
+        optimizer steps of the run (DINO, iBOT, I-JEPA, MSN: 0.04 -> 0.4 for ViTs), on the groups that have
+        weight decay; ``None`` leaves it constant. Call it from ``on_train_batch_start``; logs ``train/weight_decay``."""
+        if final_weight_decay is None:
+            return
+        total = total_optimizer_steps(self.trainer)
+        weight_decay = cosine_schedule(self.trainer.global_step, total, self.optim.weight_decay, final_weight_decay)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.get("scheduled_weight_decay"):
+                    group["weight_decay"] = weight_decay
+        self.log("train/weight_decay", weight_decay, on_step=True, on_epoch=False)

@@ -14,7 +14,7 @@ from ssl_lightning.callbacks.momentum import MomentumUpdate
 from ssl_lightning.losses import dino_loss, teacher_entropy, teacher_temperature, update_center_
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import DINOHead
-from ssl_lightning.optim import clip_grad_norm_per_parameter_, cosine_schedule, total_optimizer_steps
+from ssl_lightning.optim import clip_grad_norm_per_parameter_
 
 NUM_GLOBAL_CROPS = 2  # batch["views"][:2] are the global crops, the rest local crops (multi-crop)
 
@@ -98,12 +98,6 @@ class DINO(SSLMethod):
         pairs = [("backbone", "teacher_backbone"), ("head", "teacher_head")]
         return [MomentumUpdate(pairs, self.base_momentum, self.final_momentum, self.momentum_schedule)]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = super().configure_optimizers()
-        for group in config["optimizer"].param_groups:  # the weight-decay schedule leaves bias/norm groups at 0
-            group["scheduled_weight_decay"] = group["weight_decay"] > 0
-        return config
-
     def current_teacher_temperature(self) -> float:
         """``tau_t`` of the current epoch."""
         return teacher_temperature(
@@ -114,15 +108,7 @@ class DINO(SSLMethod):
         )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.final_weight_decay is None:
-            return
-        total = total_optimizer_steps(self.trainer)
-        weight_decay = cosine_schedule(self.trainer.global_step, total, self.optim.weight_decay, self.final_weight_decay)
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                if group.get("scheduled_weight_decay"):
-                    group["weight_decay"] = weight_decay
-        self.log("train/weight_decay", weight_decay, on_step=True, on_epoch=False)
+        self.schedule_weight_decay(self.final_weight_decay)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.clip_grad > 0:

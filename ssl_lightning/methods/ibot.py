@@ -32,7 +32,7 @@ from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import DINOHead
 from ssl_lightning.nn.masking import default_mask_seed, step_generator
 from ssl_lightning.nn.masking.blockwise import block_masks, mask_ratios
-from ssl_lightning.optim import clip_grad_norm_per_parameter_, cosine_schedule, total_optimizer_steps
+from ssl_lightning.optim import clip_grad_norm_per_parameter_
 
 
 class PatchMasks(NamedTuple):
@@ -178,12 +178,6 @@ class IBOT(SSLMethod):
             pairs.append(("patch_head", "teacher_patch_head"))
         return [MomentumUpdate(pairs, self.base_momentum, self.final_momentum, self.momentum_schedule)]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = super().configure_optimizers()
-        for group in config["optimizer"].param_groups:  # the weight-decay schedule leaves bias/norm groups at 0
-            group["scheduled_weight_decay"] = group["weight_decay"] > 0
-        return config
-
     def setup(self, stage: str) -> None:
         views = getattr(getattr(self.trainer, "datamodule", None), "views", None)
         if views is None:
@@ -196,15 +190,7 @@ class IBOT(SSLMethod):
             check_divisible(views.local_size, self.backbone.patch_size, "data.views.local_size")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.final_weight_decay is None:
-            return
-        total = total_optimizer_steps(self.trainer)
-        weight_decay = cosine_schedule(self.trainer.global_step, total, self.optim.weight_decay, self.final_weight_decay)
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                if group.get("scheduled_weight_decay"):
-                    group["weight_decay"] = weight_decay
-        self.log("train/weight_decay", weight_decay, on_step=True, on_epoch=False)
+        self.schedule_weight_decay(self.final_weight_decay)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.clip_grad > 0:

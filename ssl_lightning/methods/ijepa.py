@@ -22,7 +22,6 @@ from ssl_lightning.nn.masking import default_mask_seed, step_generator
 from ssl_lightning.nn.masking.multiblock import MultiBlockMasks, check_range, multiblock_masks
 from ssl_lightning.nn.pos_embed import sincos_pos_embed_2d
 from ssl_lightning.nn.predictor import JEPAPredictor
-from ssl_lightning.optim import cosine_schedule, total_optimizer_steps
 
 
 class IJEPA(SSLMethod):
@@ -116,22 +115,8 @@ class IJEPA(SSLMethod):
         if views is not None:
             check_divisible(views.size, self.backbone.patch_size, "data.views.size")
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = super().configure_optimizers()
-        for group in config["optimizer"].param_groups:  # the weight-decay schedule leaves bias/norm groups at 0
-            group["scheduled_weight_decay"] = group["weight_decay"] > 0
-        return config
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.final_weight_decay is None:
-            return
-        total = total_optimizer_steps(self.trainer)
-        weight_decay = cosine_schedule(self.trainer.global_step, total, self.optim.weight_decay, self.final_weight_decay)
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                if group.get("scheduled_weight_decay"):
-                    group["weight_decay"] = weight_decay
-        self.log("train/weight_decay", weight_decay, on_step=True, on_epoch=False)
+        self.schedule_weight_decay(self.final_weight_decay)
 
     def sample_masks(self, images: torch.Tensor, generator: torch.Generator) -> MultiBlockMasks:
         """Context and target blocks for every image of the batch (the same counts in every image)."""

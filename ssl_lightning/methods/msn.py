@@ -21,7 +21,6 @@ from ssl_lightning.callbacks.momentum import MomentumUpdate
 from ssl_lightning.losses.msn import msn_loss, power_law_prior
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn.masking import default_mask_seed, kept_indices, random_mask, step_generator
-from ssl_lightning.optim import cosine_schedule, total_optimizer_steps
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -126,7 +125,6 @@ class MSN(SSLMethod):
         groups = config["optimizer"].param_groups
         for group in groups:  # the prototypes join the bias/norm group: no weight decay (the reference code)
             group["params"] = [p for p in group["params"] if p is not self.prototypes]
-            group["scheduled_weight_decay"] = group["weight_decay"] > 0
         next(g for g in groups if g["lars_exclude"] and not g["fixed_lr"])["params"].append(self.prototypes)
         return config
 
@@ -147,14 +145,7 @@ class MSN(SSLMethod):
                              f"data.init_args.views.num_local={num_local}")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.final_weight_decay is None:
-            return
-        total = total_optimizer_steps(self.trainer)
-        weight_decay = cosine_schedule(self.trainer.global_step, total, self.optim.weight_decay, self.final_weight_decay)
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                if group.get("scheduled_weight_decay"):
-                    group["weight_decay"] = weight_decay
+        self.schedule_weight_decay(self.final_weight_decay)
 
     def masked_anchor(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's pooled feature (B, D) of ``images`` with ``mask_ratio`` of each image's patches dropped

@@ -2,5 +2,6 @@
 
 from ssl_lightning.nn.heads import MLPHead
 from ssl_lightning.nn.dino_head import DINOHead
+from ssl_lightning.nn.predictor import JEPAPredictor
 
-__all__ = ["MLPHead", "DINOHead"]
+__all__ = ["MLPHead", "DINOHead", "JEPAPredictor"]

@@ -4,5 +4,26 @@ draws the same masks)."""
 
 from ssl_lightning.nn.masking.generator import default_mask_seed, step_generator
 from ssl_lightning.nn.masking.random import kept_indices, masked_indices, random_mask
+from ssl_lightning.nn.masking.blockwise import block_masks, blockwise_mask, mask_ratios
+from ssl_lightning.nn.masking.stratified import stratified_mask_ratios
+from ssl_lightning.nn.masking.multiblock import MultiBlockMasks, multiblock_masks
+from ssl_lightning.nn.masking.coarse import coarse_random_mask, upsample_mask
+from ssl_lightning.nn.masking.prefix import prefix_causal_mask, random_prefix_lengths
 
-__all__ = ["default_mask_seed", "step_generator", "random_mask", "kept_indices", "masked_indices"]
+__all__ = [
+    "default_mask_seed",
+    "step_generator",
+    "random_mask",
+    "kept_indices",
+    "masked_indices",
+    "block_masks",
+    "blockwise_mask",
+    "mask_ratios",
+    "stratified_mask_ratios",
+    "MultiBlockMasks",
+    "multiblock_masks",
+    "coarse_random_mask",
+    "upsample_mask",
+    "prefix_causal_mask",
+    "random_prefix_lengths",
+]
