@@ -7,7 +7,6 @@ and one-line errors for bad settings. Layer-wise lr decay is tested in test_laye
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from ssl_lightning.nn.masking.stratified import stratified_mask_ratios
 from ssl_lightning.optim import OptimConfig
 from ssl_lightning.transforms import SimCLRViews
 from tests.ddp_utils import run_distributed
+from tests.test_swav import slow_sinkhorn
 from tests.tiny_methods import one_thread, tiny_trainer  # noqa: F401 (autouse fixture)
 from tests.wiring_utils import fixed_views, run_training_step, stub_trainer
 
@@ -83,21 +83,9 @@ def test_koleo_is_large_for_close_features_and_needs_two_rows() -> None:
 
 
 def dinov2_sinkhorn_by_loops(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
-    """The reference's ``sinkhorn_knopp_teacher`` written out on the K x B matrix Q = exp(logits / tau_t)^T: scale Q
-    to total mass 1, then per iteration each prototype's row to 1/K and each sample's column to 1/B; return B * Q^T."""
-    b_count, k_count = logits.shape
-    q = [[math.exp(float(logits[b, k]) / temperature) for b in range(b_count)] for k in range(k_count)]
-    total = sum(sum(row) for row in q)
-    q = [[value / total for value in row] for row in q]
-    for _ in range(iterations):
-        for k in range(k_count):
-            row_sum = sum(q[k])
-            q[k] = [value / row_sum / k_count for value in q[k]]
-        for b in range(b_count):
-            column_sum = sum(q[k][b] for k in range(k_count))
-            for k in range(k_count):
-                q[k][b] = q[k][b] / column_sum / b_count
-    return torch.tensor([[q[k][b] * b_count for k in range(k_count)] for b in range(b_count)], dtype=torch.float64)
+    """The reference's ``sinkhorn_knopp_teacher`` on Q = exp(logits / tau_t): SwAV's algorithm written out by loops
+    (``tests/test_swav.slow_sinkhorn``) with epsilon = tau_t."""
+    return slow_sinkhorn(logits, temperature, iterations)
 
 
 @pytest.mark.parametrize("temperature, iterations", [(0.04, 3), (0.07, 3), (0.07, 1)])

@@ -17,12 +17,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ssl_lightning.losses.ibot import masked_patch_weights
 from ssl_lightning.losses.koleo import koleo_loss
 from ssl_lightning.losses.swav import sinkhorn_knopp
 from ssl_lightning.methods.ibot import IBOT, PatchMasks
-from ssl_lightning.nn.masking import step_generator
-from ssl_lightning.nn.masking.blockwise import block_masks
 from ssl_lightning.nn.masking.stratified import stratified_mask_ratios
 from ssl_lightning.optim import find_vit
 
@@ -72,21 +69,10 @@ class DINOv2(IBOT):
         self.koleo_weight, self.sinkhorn_iterations = koleo_weight, sinkhorn_iterations
         del self.center, self.patch_center  # iBOT's EMA centers: Sinkhorn-Knopp replaces them
 
-    def draw_masks(self, global_crops: torch.Tensor, batch_idx: int) -> PatchMasks:
-        """The reference collator's masks: stratified ratios over exactly ``int(p * 2B)`` crops, then blockwise."""
-        grid = self.backbone.grid_size(global_crops)
-        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
-        generator = step_generator(torch.device("cpu"), self.mask_seed, self.global_rank, self.trainer.global_step,
-                                   micro_batch)
-        ratios = stratified_mask_ratios(global_crops.shape[0], self.mask_ratio, self.mask_probability, generator)
-        if self.current_epoch < self.mask_start_epoch:
-            ratios = torch.zeros_like(ratios)
-        mask = block_masks(ratios, grid, generator, self.mask_aspect_ratio)
-        rows = mask.flatten().nonzero().squeeze(1)
-        weights = masked_patch_weights(mask).flatten()[rows]
-        device = global_crops.device
-        return PatchMasks(mask.to(device, non_blocking=True), rows.to(device, non_blocking=True),
-                          weights.to(device, non_blocking=True))
+    def draw_mask_ratios(self, num_images: int, generator: torch.Generator) -> torch.Tensor:
+        """The reference collator's ratios: exactly ``int(mask_probability * num_images)`` crops masked, their ratios
+        stratified over ``mask_ratio`` (so every rank has masked patches for the Sinkhorn centering)."""
+        return stratified_mask_ratios(num_images, self.mask_ratio, self.mask_probability, generator)
 
     @torch.no_grad()
     def teacher_cls_probabilities(self, class_tokens: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -211,6 +211,11 @@ class IBOT(SSLMethod):
 
     # --- the steps of algorithm 1 -----------------------------------------------------------------------------
 
+    def draw_mask_ratios(self, num_images: int, generator: torch.Generator) -> torch.Tensor:
+        """Each crop's mask ratio (0: unmasked): ``mask_probability`` of the crops masked at a ratio drawn from
+        ``mask_ratio`` (the paper's pred_ratio / pred_ratio_var)."""
+        return mask_ratios(num_images, self.mask_ratio, self.mask_probability, generator)
+
     def draw_masks(self, global_crops: torch.Tensor, batch_idx: int) -> PatchMasks:
         """Blockwise masks of the global crops (``nn.masking.blockwise``), drawn on the CPU from the step's
         generator and moved to the device; none before ``mask_start_epoch``."""
@@ -218,7 +223,7 @@ class IBOT(SSLMethod):
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches
         generator = step_generator(torch.device("cpu"), self.mask_seed, self.global_rank, self.trainer.global_step,
                                    micro_batch)
-        ratios = mask_ratios(global_crops.shape[0], self.mask_ratio, self.mask_probability, generator)
+        ratios = self.draw_mask_ratios(global_crops.shape[0], generator)
         if self.current_epoch < self.mask_start_epoch:
             ratios = torch.zeros_like(ratios)
         mask = block_masks(ratios, (rows_count, cols_count), generator, self.mask_aspect_ratio)
