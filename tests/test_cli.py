@@ -8,6 +8,8 @@ import wandb
 import yaml
 
 from ssl_lightning.cli import run_cli
+from ssl_lightning.datamodules.base import TensorImages
+from ssl_lightning.datamodules.bundled import BundledCIFAR10
 from tests.test_datamodules import make_image_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -21,8 +23,35 @@ TINY = [
     "--trainer.sync_batchnorm=false",
 ]
 
-#: what a ViT method's CIFAR-10 / ImageNet recipe must also shrink to run on 32 px images with 8 px patches
-VIT_METHOD_ARGS = {"simmim": ["--model.init_args.mask_patch_size=16"]}
+#: what a ViT method's CIFAR-10 / ImageNet recipe also shrinks to run on 32 px images with 8 px patches and a
+#: 32-d ViT: its heads, predictor and mask patches (AIM's ImageNet head alone has 400M parameters)
+DINO_HEADS = ["--model.init_args.out_dim=64", "--model.init_args.hidden_dim=32", "--model.init_args.bottleneck_dim=16"]
+VIT_METHOD_ARGS = {
+    "dino": DINO_HEADS,
+    "ibot": [*DINO_HEADS, "--model.init_args.patch_out_dim=64"],
+    "dinov2": [*DINO_HEADS, "--model.init_args.patch_out_dim=64"],
+    "ijepa": ["--model.init_args.predictor_dim=16", "--model.init_args.predictor_depth=1",
+              "--model.init_args.predictor_num_heads=2"],
+    "msn": ["--model.init_args.projection_hidden_dim=32", "--model.init_args.projection_dim=16",
+            "--model.init_args.num_prototypes=32"],
+    "aim": ["--model.init_args.head_dim=32", "--model.init_args.head_blocks=1"],
+    "lejepa": ["--model.init_args.projection_hidden_dim=32", "--model.init_args.num_slices=64"],
+    "simmim": ["--model.init_args.mask_patch_size=16"],
+}
+#: the bundled images a config test reads (kNN bank and queries: the monitor's two evaluations of a ViT on all
+#: 6,000 bundled images took 20-40 s of each bundled ViT config's test)
+BUNDLED_SUBSET = {"train": 256, "test": 64}
+
+
+@pytest.fixture(autouse=True)
+def few_bundled_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BundledCIFAR10`` reads the first images of each split only: the configs' wiring, not the data size, is tested."""
+    for split, source in (("train", "train_source"), ("test", "val_source")):
+        def first_images(self: BundledCIFAR10, split: str = split) -> TensorImages:
+            images = self._splits[split]
+            return TensorImages(images.images[: BUNDLED_SUBSET[split]], images.labels[: BUNDLED_SUBSET[split]])
+
+        monkeypatch.setattr(BundledCIFAR10, source, first_images)
 
 
 def tiny_model_args(config: Path) -> list[str]:
@@ -37,7 +66,7 @@ def tiny_model_args(config: Path) -> list[str]:
             return []  # already CPU-sized
         # the config's own ViT settings (class token, registers, LayerScale, pooling) on 32 px, patch 8, 2 blocks
         kwargs = yaml.safe_load(text)["model"]["init_args"].get("backbone_kwargs") or {}
-        kwargs = {**kwargs, "image_size": 32, "patch_size": 8, "depth": 2}
+        kwargs = {**kwargs, "image_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
         return [f"--model.init_args.backbone_kwargs={json.dumps(kwargs)}", *VIT_METHOD_ARGS.get(config.stem.split("_")[0], [])]
     small = ["--model.init_args.backbone=cifar_resnet18", "--model.init_args.backbone_kwargs={base_width: 4}"]
     if "class_path: BarlowTwins" in text or "class_path: VICReg" in text:  # 8192-d projectors: 134M parameters

@@ -143,16 +143,18 @@ def load_exported_model(export_dir: Union[str, Path]) -> nn.Module:
     return model.eval()
 
 
+def exported_name(key: str, target: ExportTarget) -> str:
+    """The name of our backbone's state-dict entry ``key`` in ``target``'s model (its first matching rename)."""
+    for old, new in target.renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
 def exported_state_dict(backbone: nn.Module, target: ExportTarget) -> dict[str, torch.Tensor]:
     """``backbone``'s state dict with ``target``'s key names: CPU tensors only, a plain dict."""
-    state: dict[str, torch.Tensor] = {}
-    for key, value in backbone.state_dict().items():
-        for old, new in target.renames:
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        state[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
-    return state
+    return {exported_name(key, target): value.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for key, value in backbone.state_dict().items()}
 
 
 def check_round_trip(backbone: str, backbone_kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor],
