@@ -1,10 +1,11 @@
-"""DINO and MAE trained under FSDP2 (Lightning's ``ModelParallelStrategy``, ``SSLMethod.configure_model``) on 2 CPU
+"""DINO, iBOT and MAE trained under FSDP2 (Lightning's ``ModelParallelStrategy``, ``SSLMethod.configure_model``) on 2 CPU
 processes, and the one-process references of ``tests/test_fsdp.py``.
 
 ``python -m tests.fsdp_script OUT`` runs, one after the other in one launch (gloo start-up costs 10-30 s):
 ``dino`` (2 optimizer steps, a full checkpoint after the first, with ``NonFiniteGuard`` and ``AtomicCheckpointIO``;
 its end state also as a distributed checkpoint folder),
-``dino_resumed`` (the second step again, from that checkpoint), ``dino_ac`` (activation checkpointing on), ``mae``,
+``dino_resumed`` (the second step again, from that checkpoint), ``dino_ac`` (activation checkpointing on), ``ibot``
+(a token-API method: ``backbone.embed``/``encode`` inside ``training_step``, the mask token at the root), ``mae``,
 and ``cli`` (``ssl-lightning fit`` with ``--trainer.strategy`` the sharded strategy, 2 steps of a tiny DINO ViT).
 Rank 0 saves each run's full state dict (the shards gathered) and its global losses as ``OUT/<run>.pt``.
 
@@ -27,9 +28,13 @@ from torch.utils.data import DataLoader
 
 from ssl_lightning.callbacks.nonfinite import NonFiniteGuard
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
+from ssl_lightning.losses.ibot import masked_patch_weights
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.dino import DINO
+from ssl_lightning.methods.ibot import IBOT, PatchMasks
 from ssl_lightning.methods.mae import MAE
+from ssl_lightning.nn.masking import step_generator
+from ssl_lightning.nn.masking.blockwise import block_masks
 from ssl_lightning.optim import OptimConfig
 
 WORLD_SIZE, GLOBAL_BATCH, STEPS = 2, 8, 2
@@ -40,13 +45,18 @@ VIT = {"image_size": IMAGE_SIZE, "patch_size": 4, "embed_dim": 32, "depth": 2, "
 
 
 def build(name: str, activation_checkpointing: bool = False, reference: bool = False) -> SSLMethod:
-    """DINO (multi-crop, tiny ViT and head) or MAE (tiny encoder and decoder), seeded: the same weights everywhere.
-    ``reference``: MAE's one-process reference (``SimulatedRanksMAE``)."""
+    """DINO or iBOT (multi-crop, tiny ViT and heads) or MAE (tiny encoder and decoder), seeded: the same weights
+    everywhere. ``reference``: the one-process reference of the per-rank masks (``SimulatedRanks*``)."""
     seed_everything(0, verbose=False)
     if name == "dino":  # clip_grad 0.5 so that the per-parameter clipping acts on the sharded gradients
         return DINO(backbone="vit_tiny", backbone_kwargs=VIT, out_dim=32, hidden_dim=32, bottleneck_dim=16,
                     base_momentum=0.9, clip_grad=0.5, freeze_last_layer_epochs=0, optim=OptimConfig(**SGD),
                     activation_checkpointing=activation_checkpointing)
+    if name == "ibot":  # separate heads; every global crop masked (at 10-50% of its 4x4 patches)
+        return (SimulatedRanksIBOT if reference else IBOT)(
+            backbone="vit_tiny", backbone_kwargs=VIT, out_dim=32, patch_out_dim=24, shared_head=False, hidden_dim=32,
+            bottleneck_dim=16, mask_probability=1.0, mask_seed=3, base_momentum=0.9, clip_grad=0.5,
+            freeze_last_layer_epochs=0, optim=OptimConfig(**SGD), activation_checkpointing=activation_checkpointing)
     if name == "mae":
         return (SimulatedRanksMAE if reference else MAE)(backbone="mae_vit_tiny", backbone_kwargs=VIT, decoder_dim=16, decoder_depth=1, decoder_num_heads=2,
                    mask_seed=3, optim=OptimConfig(**SGD), activation_checkpointing=activation_checkpointing)
@@ -69,10 +79,27 @@ class SimulatedRanksMAE(MAE):
         return {"loss": loss}
 
 
+class SimulatedRanksIBOT(IBOT):
+    """iBOT's one-process reference under ``WORLD_SIZE`` ranks: rank ``r``'s global crops (its rows of each crop)
+    masked with rank ``r``'s generator, laid out as in the full batch. The patch loss's weights ``1 / (2B n_i)``
+    then give the mean of the ranks' losses, and the centers are means over the full batch either way."""
+
+    def draw_masks(self, global_crops: torch.Tensor, batch_idx: int) -> PatchMasks:
+        grid, per_rank = self.backbone.grid_size(global_crops), global_crops.shape[0] // WORLD_SIZE
+        mask = torch.zeros(self.global_crops, WORLD_SIZE, per_rank // self.global_crops, grid[0] * grid[1], dtype=torch.bool)
+        for rank in range(WORLD_SIZE):
+            generator = step_generator(torch.device("cpu"), self.mask_seed, rank, self.trainer.global_step, 0)
+            ratios = self.draw_mask_ratios(per_rank, generator)
+            mask[:, rank] = block_masks(ratios, grid, generator, self.mask_aspect_ratio).view(self.global_crops, -1, grid[0] * grid[1])
+        mask = mask.flatten(0, 2)
+        rows = mask.flatten().nonzero().squeeze(1)
+        return PatchMasks(mask, rows, masked_patch_weights(mask).flatten()[rows])
+
+
 def fixed_views(name: str) -> list[list[torch.Tensor]]:
-    """For each step, the views of the global batch (DINO: 2 global crops and 2 local ones; MAE: 2 views)."""
+    """For each step, the views of the global batch (DINO, iBOT: 2 global crops and 2 local ones; MAE: 2 views)."""
     generator = torch.Generator().manual_seed(1)
-    sizes = [IMAGE_SIZE] * 2 + ([LOCAL_SIZE] * NUM_LOCAL if name == "dino" else [])
+    sizes = [IMAGE_SIZE] * 2 + ([LOCAL_SIZE] * NUM_LOCAL if name in ("dino", "ibot") else [])
     return [[torch.randn(GLOBAL_BATCH, 3, s, s, generator=generator) for s in sizes] for _ in range(STEPS)]
 
 
@@ -123,16 +150,17 @@ def sharded_strategy() -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
-def train(model: SSLMethod, devices: int, steps: list[list[torch.Tensor]], ckpt_dir: Optional[Path] = None,
-          ckpt_path: Optional[str] = None, folder: Optional[Path] = None) -> list[float]:
+def train(model: SSLMethod, devices: int, steps: list[list[torch.Tensor]], root_dir: Path,
+          ckpt_dir: Optional[Path] = None, ckpt_path: Optional[str] = None, folder: Optional[Path] = None) -> list[float]:
     """``len(steps)`` optimizer steps (one per epoch); sharded on ``devices`` processes when 2. Returns the losses.
+    ``root_dir``: the trainer's folder (MAE's image logger writes there without a logger).
     ``folder``: also save the end state as a distributed checkpoint folder there."""
     losses = GlobalLoss()
     callbacks: list[Callback] = [losses, NonFiniteGuard()]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1))
     trainer = Trainer(
-        accelerator="cpu", devices=devices, strategy=sharded_strategy() if devices > 1 else "auto",
+        default_root_dir=root_dir, accelerator="cpu", devices=devices, strategy=sharded_strategy() if devices > 1 else "auto",
         max_epochs=len(steps), use_distributed_sampler=False, limit_val_batches=1, logger=False,
         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=1,
@@ -179,20 +207,21 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     model = build("dino")
-    losses = train(model, WORLD_SIZE, fixed_views("dino"), ckpt_dir=out / "dino_ckpt", folder=out / "dino_folder")
+    losses = train(model, WORLD_SIZE, fixed_views("dino"), out / "dino", ckpt_dir=out / "dino_ckpt", folder=out / "dino_folder")
     results["dino"] = {"state": full_state(model), "losses": losses}
 
     model = build("dino")  # resumed from the checkpoint of the first step (epoch 0)
-    losses = train(model, WORLD_SIZE, fixed_views("dino"), ckpt_path=str(out / "dino_ckpt" / "epoch=0.ckpt"))
+    losses = train(model, WORLD_SIZE, fixed_views("dino"), out / "dino_resumed", ckpt_path=str(out / "dino_ckpt" / "epoch=0.ckpt"))
     results["dino_resumed"] = {"state": full_state(model), "losses": losses}
 
     model = build("dino", activation_checkpointing=True)
-    losses = train(model, WORLD_SIZE, fixed_views("dino"))
+    losses = train(model, WORLD_SIZE, fixed_views("dino"), out / "dino_ac")
     results["dino_ac"] = {"state": full_state(model), "losses": losses}
 
-    model = build("mae")
-    losses = train(model, WORLD_SIZE, fixed_views("mae"))
-    results["mae"] = {"state": full_state(model), "losses": losses}
+    for name in ("ibot", "mae"):
+        model = build(name)
+        losses = train(model, WORLD_SIZE, fixed_views(name), out / name)
+        results[name] = {"state": full_state(model), "losses": losses}
 
     if dist.get_rank() == 0:
         for name, result in results.items():

@@ -1,4 +1,4 @@
-"""FSDP2 (``ssl_lightning.sharding`` through Lightning's ``ModelParallelStrategy``): DINO and MAE on 2 CPU processes
+"""FSDP2 (``ssl_lightning.sharding`` through Lightning's ``ModelParallelStrategy``): DINO, iBOT and MAE on 2 CPU processes
 (gloo) against one process on the full batch, exact resume from a sharded run's checkpoint, that checkpoint loaded
 unsharded and exported to timm with ``strict=True``, activation checkpointing, and ``ssl-lightning fit`` with the
 sharded strategy. One subprocess launch (``python -m tests.fsdp_script``) runs every sharded training while this
@@ -7,7 +7,8 @@ process trains the one-process references (``tests/fsdp_script.py`` says how the
 What the comparisons check, beyond the learning rate scaled by per-device batch x world size: the gradients of
 the sharded parameters reduce-scattered across ranks (student), DINO's per-parameter clipping on sharded
 gradients (full norms), the EMA teacher updated shard by shard, DINO's center averaged over the ranks, MAE's
-encoder and decoder blocks sharded, the per-rank masks."""
+encoder and decoder blocks sharded, the per-rank masks; for iBOT also the token API (``embed``/``encode`` with the
+root gathered by ``training_step``), the mask token, both heads and both centers."""
 
 from __future__ import annotations
 
@@ -25,17 +26,21 @@ from tests.fsdp_script import WORLD_SIZE, build, fixed_views, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {"rtol": 1e-4, "atol": 5e-5}  # float32 sums in another order (as tests/test_methods_ddp.py)
-MOVED = {"dino": ("backbone.", "head.", "teacher_backbone.", "teacher_head.", "center"), "mae": ("backbone.", "decoder.")}
+MOVED = {"dino": ("backbone.", "head.", "teacher_backbone.", "teacher_head.", "center"),
+         "ibot": ("backbone.", "head.", "patch_head.", "mask_token", "teacher_backbone.", "teacher_head.",
+                  "teacher_patch_head.", "center", "patch_center"),
+         "mae": ("backbone.", "decoder.")}
+METHODS = ("dino", "ibot", "mae")
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
-def reference(name: str, steps: int) -> dict[str, Any]:
+def reference(name: str, steps: int, root_dir: Path) -> dict[str, Any]:
     """``steps`` optimizer steps of ``name`` on one process on the full batches."""
     model = build(name, reference=True)
-    losses = train(model, 1, fixed_views(name)[:steps])
+    losses = train(model, 1, fixed_views(name)[:steps], root_dir / f"{name}_reference_{steps}")
     return {"state": state(model), "losses": losses}
 
 
@@ -48,15 +53,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         process = subprocess.Popen([sys.executable, "-m", "tests.fsdp_script", str(out)], cwd=ROOT, env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
         try:  # the references train while the sharded processes start
-            results: dict[str, Any] = {f"{name}_reference": reference(name, 2) for name in ("dino", "mae")}
-            results["dino_reference_1"] = reference("dino", 1)
-            results.update({f"{name}_initial": state(build(name)) for name in ("dino", "mae")})
+            results: dict[str, Any] = {f"{name}_reference": reference(name, 2, out) for name in METHODS}
+            results["dino_reference_1"] = reference("dino", 1, out)
+            results.update({f"{name}_initial": state(build(name)) for name in METHODS})
             process.wait(timeout=300)
         finally:
             if process.poll() is None:
                 process.kill()
     assert process.returncode == 0, (out / "log.txt").read_text()[-4000:]
-    for name in ("dino", "dino_resumed", "dino_ac", "mae"):
+    for name in ("dino", "dino_resumed", "dino_ac", "ibot", "mae"):
         results[name] = torch.load(out / f"{name}.pt", weights_only=True)
     results["out"] = out
     return results
@@ -70,7 +75,7 @@ def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert not wrong, f"{len(wrong)} of {len(expected)} tensors differ, e.g. {worst}"
 
 
-@pytest.mark.parametrize("name", ["dino", "mae"])
+@pytest.mark.parametrize("name", METHODS)
 def test_two_sharded_processes_give_one_process_on_the_full_batch(runs: dict[str, Any], name: str) -> None:
     sharded, expected, initial = runs[name], runs[f"{name}_reference"], runs[f"{name}_initial"]
     for prefix in MOVED[name]:  # the student, the teacher and the center moved: a comparison that can fail
@@ -140,6 +145,7 @@ def test_fit_through_the_cli_with_the_sharded_strategy(runs: dict[str, Any]) -> 
 def test_the_plan_shards_every_block_of_student_teacher_and_decoder() -> None:
     assert len(sharding.transformer_blocks(build("dino"))) == 4  # 2 student blocks, 2 teacher blocks
     assert len(sharding.transformer_blocks(build("mae"))) == 3  # 2 encoder blocks, 1 decoder block
+    assert len(sharding.transformer_blocks(build("ibot"))) == 4  # 2 student blocks, 2 teacher blocks
     with pytest.raises(ValueError, match="activation_checkpointing=True needs a ViT backbone"):
         from ssl_lightning.methods.dino import DINO
 
