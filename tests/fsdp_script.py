@@ -6,7 +6,8 @@ processes, and the one-process references of ``tests/test_fsdp.py``.
 its end state also as a distributed checkpoint folder),
 ``dino_resumed`` (the second step again, from that checkpoint), ``dino_ac`` (activation checkpointing on), ``ibot``
 (a token-API method: ``backbone.embed``/``encode`` inside ``training_step``, the mask token at the root), ``mae``,
-and ``cli`` (``ssl-lightning fit`` with ``--trainer.strategy`` the sharded strategy, 2 steps of a tiny DINO ViT).
+and ``cli`` (``ssl-lightning fit`` with ``--trainer.strategy`` the sharded strategy, 2 steps of a tiny DINO ViT,
+the kNN monitor on unequal numbers of query batches per rank).
 Rank 0 saves each run's full state dict (the shards gathered) and its global losses as ``OUT/<run>.pt``.
 
 The views are fixed tensors as in ``tests/ddp_methods.py``: rank ``r`` of ``W`` takes rows ``r*B/W .. (r+1)*B/W``
@@ -196,6 +197,8 @@ def cli_args(out: Path) -> list[str]:
         "--model.init_args.activation_checkpointing=true", "--model.init_args.use_bn_in_head=false",
         "--model.init_args.out_dim=32", "--model.init_args.hidden_dim=32", "--model.init_args.bottleneck_dim=16",
         "--data=SyntheticData", "--data.init_args.num_samples=32", f"--data.init_args.image_size={IMAGE_SIZE}",
+        # the kNN monitor's queries: 5 images in batches of 2, so rank 0 runs 2 forwards and rank 1 one
+        "--data.init_args.num_val_samples=5", "--data.init_args.eval_batch_size=2",
         "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
         f"--data.init_args.views={{size: {IMAGE_SIZE}, num_local: 2, local_size: {LOCAL_SIZE}}}",
     ]

@@ -80,3 +80,17 @@ def test_extract_features_eval_mode_no_grad_and_restores_modes() -> None:
     # eval mode: dropout off, so a second pass gives the same features
     torch.testing.assert_close(extract_features(model, loader, "cpu")[0], features, rtol=0, atol=0)
     assert model.training and model.net.training and not model.frozen.training
+
+
+def test_extract_features_pads_the_forwards_of_a_short_shard_with_its_last_batch() -> None:
+    """``num_forwards``: the extra calls (what a sharded model's ranks need to all-gather together) repeat the last
+    batch and add no features; an empty shard cannot join and says so."""
+    seen: list[torch.Tensor] = []
+    model = nn.Flatten()
+    model.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    loader = [{"image": torch.full((2, 3), float(i)), "label": torch.tensor([i, i])} for i in range(2)]
+    features, labels = extract_features(model, loader, "cpu", num_forwards=4)
+    assert features.shape == (4, 3) and labels.tolist() == [0, 0, 1, 1]
+    assert [float(images[0, 0]) for images in seen] == [0.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="share of the evaluation set is empty"):
+        extract_features(model, [], "cpu", num_forwards=1)

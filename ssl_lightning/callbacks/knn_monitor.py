@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 
-from ssl_lightning.distributed import gather_variable_length, rank, world_size
+from ssl_lightning.distributed import all_reduce_max_, gather_variable_length, rank, world_size
 from ssl_lightning.scoring import extract_features, knn_accuracy
+from ssl_lightning.sharding import is_sharded
 
 
 class KNNMonitor(Callback):
@@ -92,8 +93,13 @@ class KNNMonitor(Callback):
         return top1
 
     @staticmethod
-    def _features(pl_module: pl.LightningModule, loader: Iterable[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        features, labels = extract_features(pl_module, loader, pl_module.device)
+    def _features(pl_module: pl.LightningModule, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of features, gathered; a sharded (FSDP) model runs as many forwards on every rank as
+        the rank with the most batches (its parameters are all-gathered in each forward)."""
+        forwards = None
+        if is_sharded(pl_module):
+            forwards = int(all_reduce_max_(torch.tensor(len(loader), device=pl_module.device)))
+        features, labels = extract_features(pl_module, loader, pl_module.device, forwards)
         features, labels = gather_variable_length(features), gather_variable_length(labels)
         labelled = labels >= 0
         return features[labelled], labels[labelled]
