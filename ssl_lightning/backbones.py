@@ -2,11 +2,12 @@
 
 Every backbone exposes ``feature_dim``. ResNets follow torchvision's layout and parameter names
 (He et al. 2016), optionally with the CIFAR stem (3x3 conv, stride 1, no max-pool) and a base-width
-multiplier; ViTs come from timm (Dosovitskiy et al. 2021).
+multiplier; ViTs (Dosovitskiy et al. 2021) and ConvNeXts (Liu et al. 2022) come from timm.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +25,10 @@ _VITS = {
     "vit_base": "vit_base_patch16_224",
     "vit_large": "vit_large_patch16_224",
 }
+
+# ConvNeXt sizes in timm (Liu et al. 2022; atto/femto/pico/nano from timm, for small budgets)
+_CONVNEXTS = ("convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny", "convnext_small",
+              "convnext_base")
 
 
 class ResNetTrunk(nn.Module):
@@ -180,6 +185,27 @@ class TimmViT(nn.Module):
         return tokens[:, self.num_prefix_tokens :]
 
 
+class TimmConvNet(nn.Module):
+    """A timm ConvNeXt without its classifier: ``forward`` gives the pooled, normed feature (timm's head before
+    the fc), ``feature_map(x)`` the last stage's map (``feature_dim`` channels, ``feature_stride`` = 32 times
+    smaller than the input), as ``ResNetTrunk``. timm's options (``dims``, ``depths``, ``drop_path_rate``) pass
+    through."""
+
+    def __init__(self, timm_name: str, **timm_kwargs: object) -> None:
+        import timm
+
+        super().__init__()
+        self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
+        self.feature_dim = int(self.model.num_features)
+        self.feature_stride = int(self.model.feature_info[-1]["reduction"])
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.feature_map(x), pre_logits=True)
+
+
 def require_vit(backbone: nn.Module, method: str, name: str) -> TimmViT:
     """``backbone`` if it is a timm ViT with token access; else one line naming the method and the backbone."""
     if not isinstance(backbone, TimmViT):
@@ -232,6 +258,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{f"cifar_{name}": _resnet_builder(name, cifar_stem=True) for name in _RESNET_LAYOUTS},
     **{name: _vit_builder(timm_name) for name, timm_name in _VITS.items()},
     **{name: _mae_vit_builder(*size) for name, size in _MAE_VITS.items()},
+    **{name: partial(TimmConvNet, name) for name in _CONVNEXTS},
 }
 
 

@@ -99,6 +99,15 @@ def test_timm_vit_round_trip(tmp_path: Path) -> None:
             torch.testing.assert_close(model(smaller), method.backbone(smaller), rtol=0, atol=1e-5)
 
 
+def test_timm_convnext_round_trip(tmp_path: Path) -> None:
+    kwargs = {"dims": (8, 16, 32, 64), "depths": (1, 1, 2, 1), "ls_init_value": 0.5}  # LayerScale large enough to matter
+    method = randomized(SSLMethod(backbone="convnext_atto", backbone_kwargs=kwargs))
+    images = torch.randn(2, 3, 64, 64)
+    model = round_trip(method, tmp_path, images)
+    assert isinstance(model, timm.models.ConvNeXt) and method.backbone.feature_stride == 32
+    assert method.backbone.feature_map(images).shape == (2, 64, 2, 2)
+
+
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_mae_encoder_round_trip_into_timm_vit(pool: str, tmp_path: Path) -> None:
     kwargs = {"image_size": 32, "patch_size": 8, "depth": 2, "global_pool": pool}

@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from ssl_lightning.backbones import _MAE_VITS, _RESNET_LAYOUTS, _VITS, TimmViT, build_backbone
+from ssl_lightning.backbones import _CONVNEXTS, _MAE_VITS, _RESNET_LAYOUTS, _VITS, TimmViT, build_backbone
 from ssl_lightning.eval.cache import file_sha256
 from ssl_lightning.eval.checkpoint import load_checkpoint_safely, load_method
 from ssl_lightning.methods.base import SSLMethod
@@ -94,7 +94,10 @@ def export_target(backbone: str, backbone_kwargs: Optional[Mapping[str, Any]] = 
         model_kwargs.update({"global_pool": "token"} if pool == "cls" else {"global_pool": "avg", "fc_norm": False})
         size = backbone.removeprefix("mae_vit_")
         return ExportTarget("timm", f"vit_{size}_patch16_224", model_kwargs, renames=(("patch_embed.", "patch_embed.proj."),))
-    exportable = sorted({f"{prefix}{name}" for name in _RESNET_LAYOUTS for prefix in ("", "cifar_")} | set(_VITS) | set(_MAE_VITS))
+    if backbone in _CONVNEXTS:
+        return ExportTarget("timm", backbone, {"num_classes": 0, **kwargs}, renames=(("model.", ""),))
+    exportable = sorted({f"{prefix}{name}" for name in _RESNET_LAYOUTS for prefix in ("", "cifar_")} | set(_VITS)
+                        | set(_MAE_VITS) | set(_CONVNEXTS))
     raise ValueError(f"backbone {backbone!r} has no torchvision/timm equivalent to export to; exportable: {', '.join(exportable)}")
 
 
