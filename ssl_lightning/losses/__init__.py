@@ -1,6 +1,7 @@
 """Loss functions: pure tensor-in, loss-out functions that are correct under DDP."""
 
-from ssl_lightning.losses.nt_xent import nt_xent_loss
+from ssl_lightning.losses.nt_xent import nt_xent_logits, nt_xent_loss
+from ssl_lightning.losses.dcl import decoupled_contrastive_loss, von_mises_fisher_weights
 from ssl_lightning.losses.cosine import negative_cosine_similarity, normalized_mse
 from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
 from ssl_lightning.losses.inpainting import hidden_region_mse
@@ -18,6 +19,9 @@ from ssl_lightning.losses.sigreg import LeJEPALoss, epps_pulley, lejepa_loss, le
 
 __all__ = [
     "nt_xent_loss",
+    "nt_xent_logits",
+    "decoupled_contrastive_loss",
+    "von_mises_fisher_weights",
     "infonce_queue_loss",
     "moco_v3_contrastive_loss",
     "moco_v3_loss",

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_lightning.distributed import gather_with_grad, rank
+from ssl_lightning.losses.dcl import ContrastiveLoss, contrastive_loss_on_logits
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
@@ -16,12 +17,15 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def infonce_queue_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def infonce_queue_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2,
+                       loss: ContrastiveLoss = "nt_xent", sigma: float = 0.5) -> torch.Tensor:
     """MoCo's InfoNCE: query ``q[i]`` against its key ``k[i]`` (positive) and the ``queue`` rows (negatives).
 
     ``q`` and ``k`` (N, D) are normalized here; the ``queue`` (K, D) holds normalized keys. The keys and the
     queue are constants in MoCo: the caller computes ``k`` without gradient (momentum encoder). The loss
-    is local to the rank (each rank's queries against the shared queue), as in the paper.
+    is local to the rank (each rank's queries against the shared queue), as in the paper. ``loss``: ``dcl``
+    drops the positive from the denominator, ``dclw`` also weights it (``dcl.von_mises_fisher_weights`` of
+    the (q, k) pairs, averaged over the global batch).
     """
     if q.shape != k.shape or q.ndim != 2 or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
         raise ValueError(
@@ -34,15 +38,16 @@ def infonce_queue_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
         negatives = q @ queue.to(q.dtype).T  # (N, K)
         logits = torch.cat([positives, negatives], dim=1) / temperature
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
-        return F.cross_entropy(logits, labels)
+        return contrastive_loss_on_logits(loss, logits, labels, q, k, sigma)
 
 
-def moco_v3_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def moco_v3_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2,
+                             loss: ContrastiveLoss = "nt_xent", sigma: float = 0.5) -> torch.Tensor:
     """MoCo v3's ``ctr(q, k)``: query ``q[i]`` against the keys of the global batch, its own key positive.
 
     Keys are gathered from all ranks in rank order (with gradient, should ``k`` require it), so a DDP run
     gives the loss and gradients of one process on the full batch. Scaled by ``2 * temperature`` as in the
-    paper's Algorithm 1.
+    paper's Algorithm 1. ``loss``: ``dcl`` / ``dclw`` as ``infonce_queue_loss``.
     """
     if q.shape != k.shape or q.ndim != 2:
         raise ValueError(f"moco_v3_contrastive_loss expects q and k of one shape (N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -51,11 +56,13 @@ def moco_v3_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: floa
         keys = gather_with_grad(k)  # (N_global, D)
         logits = q @ keys.T / temperature  # (N, N_global)
         labels = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-        return F.cross_entropy(logits, labels) * (2 * temperature)
+        return contrastive_loss_on_logits(loss, logits, labels, q, k, sigma) * (2 * temperature)
 
 
 def moco_v3_loss(
-    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, temperature: float = 0.2
+    q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, temperature: float = 0.2,
+    loss: ContrastiveLoss = "nt_xent", sigma: float = 0.5,
 ) -> torch.Tensor:
     """The symmetrized MoCo v3 loss ``ctr(q1, k2) + ctr(q2, k1)``: queries of one view, keys of the other."""
-    return moco_v3_contrastive_loss(q1, k2, temperature) + moco_v3_contrastive_loss(q2, k1, temperature)
+    return (moco_v3_contrastive_loss(q1, k2, temperature, loss, sigma)
+            + moco_v3_contrastive_loss(q2, k1, temperature, loss, sigma))

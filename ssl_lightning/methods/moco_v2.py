@@ -14,6 +14,7 @@ from ssl_lightning.callbacks.momentum import MomentumUpdate
 from ssl_lightning.callbacks.queue import QueueUpdate
 from ssl_lightning.distributed import shuffle_across_ranks, unshuffle_across_ranks
 from ssl_lightning.losses import infonce_queue_loss
+from ssl_lightning.losses.dcl import ContrastiveLoss, check_contrastive_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import MLPHead
 
@@ -22,6 +23,8 @@ class MoCoV2(SSLMethod):
     """Args (besides ``SSLMethod``'s):
         projection_hidden_dim, projection_dim: the MLP head (linear, ReLU, linear: MoCo v2's 2048 -> 128).
         temperature: InfoNCE temperature (0.2 in MoCo v2).
+        loss, dclw_sigma: ``nt_xent`` (the paper's InfoNCE), ``dcl`` or ``dclw`` (Yeh et al. 2022: the positive
+            left out of the denominator; DCLW also weights it, kernel width ``dclw_sigma``).
         queue_size: negatives kept (65,536 on ImageNet; 4,096 suits small datasets). A multiple of the
             global batch keeps whole batches in the queue, as the paper does.
         momentum: the key encoder's EMA momentum, constant (0.999 on ImageNet; 0.99 on small datasets).
@@ -44,6 +47,8 @@ class MoCoV2(SSLMethod):
         projection_hidden_dim: int = 2048,
         projection_dim: int = 128,
         temperature: float = 0.2,
+        loss: ContrastiveLoss = "nt_xent",
+        dclw_sigma: float = 0.5,
         queue_size: int = 4096,
         momentum: float = 0.999,
         shuffle_bn: bool = True,
@@ -52,7 +57,9 @@ class MoCoV2(SSLMethod):
         super().__init__(**kwargs)
         if queue_size < 1:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
+        check_contrastive_loss(loss, dclw_sigma)
         self.temperature, self.momentum, self.shuffle_bn = temperature, momentum, shuffle_bn
+        self.loss_name, self.dclw_sigma = loss, dclw_sigma
         self.projector = MLPHead(self.backbone.feature_dim, projection_hidden_dim, projection_dim, hidden_bn=False)
         self.key_backbone = self.frozen_copy(self.backbone)
         self.key_projector = self.frozen_copy(self.projector)
@@ -81,6 +88,6 @@ class MoCoV2(SSLMethod):
         features = self(view1)
         q = self.projector(features)
         k = self.encode_keys(view2, batch_idx)
-        loss = infonce_queue_loss(q, k, self.queue, self.temperature)
+        loss = infonce_queue_loss(q, k, self.queue, self.temperature, self.loss_name, self.dclw_sigma)
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "features": features.detach(), "embeddings": q.detach(), "keys": k}

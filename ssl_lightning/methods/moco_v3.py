@@ -12,6 +12,7 @@ from torch import nn
 
 from ssl_lightning.callbacks.momentum import MomentumUpdate
 from ssl_lightning.losses import moco_v3_loss
+from ssl_lightning.losses.dcl import ContrastiveLoss, check_contrastive_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import MLPHead
 
@@ -22,6 +23,8 @@ class MoCoV3(SSLMethod):
             layer including the last (4096 -> 256; 2 layers on ResNets, 3 on ViTs in the paper).
         prediction_hidden_dim: the predictor's hidden size (2 layers, 4096).
         temperature: InfoNCE temperature (0.2 for ViTs; the paper's ResNet-50 recipe uses 1.0).
+        loss, dclw_sigma: ``nt_xent`` (the paper's InfoNCE), ``dcl`` or ``dclw`` (Yeh et al. 2022: the positive
+            left out of the denominator; DCLW also weights it, kernel width ``dclw_sigma``).
         base_momentum, final_momentum, momentum_schedule: the momentum encoder's EMA (0.99 with a cosine
             schedule to 1 in the paper's recipes).
         freeze_patch_embed: keep a ViT's random patch projection fixed (sec. 4.2, "stop-grad-conv1"),
@@ -37,6 +40,8 @@ class MoCoV3(SSLMethod):
         projection_layers: int = 2,
         prediction_hidden_dim: int = 4096,
         temperature: float = 0.2,
+        loss: ContrastiveLoss = "nt_xent",
+        dclw_sigma: float = 0.5,
         base_momentum: float = 0.99,
         final_momentum: float = 1.0,
         momentum_schedule: Literal["cosine", "constant"] = "cosine",
@@ -44,7 +49,8 @@ class MoCoV3(SSLMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.temperature = temperature
+        check_contrastive_loss(loss, dclw_sigma)
+        self.temperature, self.loss_name, self.dclw_sigma = temperature, loss, dclw_sigma
         self.base_momentum, self.final_momentum, self.momentum_schedule = base_momentum, final_momentum, momentum_schedule
         if freeze_patch_embed:
             self._patch_embedding().requires_grad_(False)
@@ -76,6 +82,6 @@ class MoCoV3(SSLMethod):
         with torch.no_grad():
             k1 = self.momentum_projector(self.momentum_backbone(self.to_memory_format(view1)))
             k2 = self.momentum_projector(self.momentum_backbone(self.to_memory_format(view2)))
-        loss = moco_v3_loss(q1, q2, k1, k2, self.temperature)
+        loss = moco_v3_loss(q1, q2, k1, k2, self.temperature, self.loss_name, self.dclw_sigma)
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "features": features.detach(), "embeddings": z1.detach()}
