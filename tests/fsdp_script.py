@@ -6,7 +6,8 @@ processes, and the one-process references of ``tests/test_fsdp.py``.
 its end state also as a distributed checkpoint folder),
 ``dino_resumed`` (the second step again, from that checkpoint), ``dino_ac`` (activation checkpointing on), ``ibot``
 (a token-API method: ``backbone.embed``/``encode`` inside ``training_step``, the mask token at the root), ``mae``,
-and ``cli`` (``ssl-lightning fit`` with ``--trainer.strategy`` the sharded strategy, 2 steps of a tiny DINO ViT,
+``smoke_<method>`` (one sharded step of each other ViT method: DINOv2, I-JEPA, SimMIM, MSN, AIM, LeJEPA with a
+ViT) and ``cli`` (``ssl-lightning fit`` with ``--trainer.strategy`` the sharded strategy, 2 steps of a tiny DINO ViT,
 the kNN monitor on unequal numbers of query batches per rank).
 Rank 0 saves each run's full state dict (the shards gathered) and its global losses as ``OUT/<run>.pt``.
 
@@ -27,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
+from ssl_lightning import sharding
 from ssl_lightning.callbacks.nonfinite import NonFiniteGuard
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.losses.ibot import masked_patch_weights
@@ -95,6 +97,39 @@ class SimulatedRanksIBOT(IBOT):
         mask = mask.flatten(0, 2)
         rows = mask.flatten().nonzero().squeeze(1)
         return PatchMasks(mask, rows, masked_patch_weights(mask).flatten()[rows])
+
+
+#: the other ViT methods, run one sharded step each (tiny settings as ``tests/test_resume_every_method.py``):
+#: name -> (class name, keyword arguments, number of global views, number of local views)
+TINY_VIT = {"backbone": "vit_tiny", "backbone_kwargs": VIT}
+NO_CLS = {"backbone": "vit_tiny", "backbone_kwargs": {**VIT, "class_token": False, "global_pool": "avg", "fc_norm": False}}
+ADAMW = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.04, "warmup_epochs": 1}
+SMOKE: dict[str, tuple[str, dict[str, Any], int, int]] = {
+    "dinov2": ("DINOv2", {**TINY_VIT, "backbone_kwargs": {**VIT, "reg_tokens": 1, "init_values": 1e-5}, "out_dim": 32,
+                          "patch_out_dim": 24, "hidden_dim": 16, "bottleneck_dim": 8}, 2, 2),
+    "ijepa": ("IJEPA", {**NO_CLS, "predictor_dim": 16, "predictor_depth": 1, "predictor_num_heads": 2, "min_context": 2}, 1, 0),
+    "simmim": ("SimMIM", {**TINY_VIT, "mask_patch_size": 8}, 1, 0),
+    "msn": ("MSN", {**TINY_VIT, "mask_ratio": 0.5, "focal_views": 2, "projection_hidden_dim": 16, "projection_dim": 8,
+                    "num_prototypes": 10}, 2, 2),
+    "aim": ("AIM", {**NO_CLS, "head_dim": 16, "head_blocks": 1}, 1, 0),
+    "lejepa": ("LeJEPA", {**TINY_VIT, "projection_hidden_dim": 16, "projection_dim": 8, "num_slices": 16}, 2, 2),
+}
+
+
+def smoke_model(name: str) -> SSLMethod:
+    from ssl_lightning import methods
+
+    seed_everything(0, verbose=False)
+    class_name, kwargs, _, _ = SMOKE[name]
+    return getattr(methods, class_name)(**kwargs, optim=OptimConfig(**ADAMW))
+
+
+def smoke_views(name: str) -> list[list[torch.Tensor]]:
+    """One step's views of the global batch: the method's global views, then its local ones."""
+    _, _, global_views, local_views = SMOKE[name]
+    generator = torch.Generator().manual_seed(2)
+    sizes = [IMAGE_SIZE] * global_views + [LOCAL_SIZE] * local_views
+    return [[torch.randn(GLOBAL_BATCH, 3, size, size, generator=generator) for size in sizes]]
 
 
 def fixed_views(name: str) -> list[list[torch.Tensor]]:
@@ -225,6 +260,11 @@ def main(out: Path) -> None:
         model = build(name)
         losses = train(model, WORLD_SIZE, fixed_views(name), out / name)
         results[name] = {"state": full_state(model), "losses": losses}
+
+    for name in SMOKE:
+        model = smoke_model(name)
+        results[f"smoke_{name}"] = {"losses": train(model, WORLD_SIZE, smoke_views(name), out / name),
+                                    "sharded": sharding.is_sharded(model)}
 
     if dist.get_rank() == 0:
         for name, result in results.items():

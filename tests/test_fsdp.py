@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ssl_lightning import sharding
-from tests.fsdp_script import WORLD_SIZE, build, fixed_views, train
+from tests.fsdp_script import SMOKE, WORLD_SIZE, build, fixed_views, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {"rtol": 1e-4, "atol": 5e-5}  # float32 sums in another order (as tests/test_methods_ddp.py)
@@ -61,7 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             if process.poll() is None:
                 process.kill()
     assert process.returncode == 0, (out / "log.txt").read_text()[-4000:]
-    for name in ("dino", "dino_resumed", "dino_ac", "ibot", "mae"):
+    for name in ("dino", "dino_resumed", "dino_ac", "ibot", "mae", *(f"smoke_{m}" for m in SMOKE)):
         results[name] = torch.load(out / f"{name}.pt", weights_only=True)
     results["out"] = out
     return results
@@ -84,6 +84,15 @@ def test_two_sharded_processes_give_one_process_on_the_full_batch(runs: dict[str
     assert len(sharded["losses"]) == 2
     assert torch.allclose(torch.tensor(sharded["losses"]), torch.tensor(expected["losses"]), **TOLERANCE)
     assert_states_equal(sharded["state"], expected["state"])
+
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_every_other_vit_method_takes_a_sharded_step(runs: dict[str, Any], name: str) -> None:
+    """DINOv2, I-JEPA, SimMIM, MSN, AIM and LeJEPA (ViT): sharded by ``configure_model``, one step on 2 processes
+    with a finite loss (their losses' cross-rank statistics are checked against one process in their own tests)."""
+    result = runs[f"smoke_{name}"]
+    assert result["sharded"] is True
+    assert len(result["losses"]) == 1 and torch.isfinite(torch.tensor(result["losses"])).all()
 
 
 def test_activation_checkpointing_gives_the_same_steps(runs: dict[str, Any]) -> None:
