@@ -88,6 +88,7 @@ HEADS: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
     "SimSiam": lambda a, f: {
         "projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"]),
         "predictor": mlp(a["projection_dim"], a["prediction_hidden_dim"], a["projection_dim"], 2)},
+    "SupCon": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], 2)},
     "BarlowTwins": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"])},
     "VICReg": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"])},
     "SwAV": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], 2),
@@ -123,6 +124,9 @@ HEADS: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
                          "head.proj_out": chain(a["head_dim"], a["backbone_kwargs"]["patch_size"] ** 2 * 3)},
     "LeJEPA": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"])},
 }
+
+
+HEADS["FastSiam"] = HEADS["SimSiam"]  # SimSiam's projector and predictor, K views
 
 
 def submodule(model: nn.Module, name: str) -> Any:

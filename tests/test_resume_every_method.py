@@ -73,6 +73,8 @@ RECIPES: dict[str, tuple[dict[str, Any], SimCLRViews | None]] = {
     "AIM": ({"backbone": "vit_tiny", "backbone_kwargs": {**VIT, "class_token": False, "global_pool": "avg", "fc_norm": False},
              "head_dim": 16, "head_blocks": 1, "optim": ADAMW}, ONE_VIEW),
     "LeJEPA": ({**BACKBONE, **PROJECTOR, "num_slices": 16, "optim": SGD}, MULTI_CROP),
+    "FastSiam": ({**BACKBONE, **HEADS[methods.SimSiam], "num_views": 3, "optim": SGD}, SimCLRViews(16, num_views=3)),
+    "SupCon": ({**BACKBONE, **PROJECTOR, "optim": SGD}, None),
 }
 TEXT_METHODS = {"MaskedLanguageModel"}
 

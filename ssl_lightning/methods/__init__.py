@@ -23,6 +23,8 @@ from ssl_lightning.methods.simmim import SimMIM
 from ssl_lightning.methods.msn import MSN
 from ssl_lightning.methods.aim import AIM
 from ssl_lightning.methods.lejepa import LeJEPA
+from ssl_lightning.methods.fastsiam import FastSiam
+from ssl_lightning.methods.supcon import SupCon
 
 __all__ = [
     "SSLMethod",
@@ -48,4 +50,6 @@ __all__ = [
     "MSN",
     "AIM",
     "LeJEPA",
+    "FastSiam",
+    "SupCon",
 ]
