@@ -4,6 +4,7 @@ from ssl_lightning.losses.nt_xent import nt_xent_logits, nt_xent_loss
 from ssl_lightning.losses.dcl import decoupled_contrastive_loss, von_mises_fisher_weights
 from ssl_lightning.losses.cosine import fastsiam_loss, negative_cosine_similarity, normalized_mse
 from ssl_lightning.losses.supcon import supcon_loss
+from ssl_lightning.losses.nnclr import nearest_neighbours, nnclr_loss
 from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
 from ssl_lightning.losses.inpainting import hidden_region_mse
 from ssl_lightning.losses.swav import sinkhorn_knopp, swav_loss
@@ -30,6 +31,8 @@ __all__ = [
     "normalized_mse",
     "fastsiam_loss",
     "supcon_loss",
+    "nearest_neighbours",
+    "nnclr_loss",
     "hidden_region_mse",
     "sinkhorn_knopp",
     "swav_loss",

@@ -25,6 +25,7 @@ from ssl_lightning.methods.aim import AIM
 from ssl_lightning.methods.lejepa import LeJEPA
 from ssl_lightning.methods.fastsiam import FastSiam
 from ssl_lightning.methods.supcon import SupCon
+from ssl_lightning.methods.nnclr import NNCLR
 
 __all__ = [
     "SSLMethod",
@@ -52,4 +53,5 @@ __all__ = [
     "LeJEPA",
     "FastSiam",
     "SupCon",
+    "NNCLR",
 ]
