@@ -26,6 +26,7 @@ from ssl_lightning.methods.lejepa import LeJEPA
 from ssl_lightning.methods.fastsiam import FastSiam
 from ssl_lightning.methods.supcon import SupCon
 from ssl_lightning.methods.nnclr import NNCLR
+from ssl_lightning.methods.tico import TiCo
 
 __all__ = [
     "SSLMethod",
@@ -54,4 +55,5 @@ __all__ = [
     "FastSiam",
     "SupCon",
     "NNCLR",
+    "TiCo",
 ]
