@@ -89,6 +89,7 @@ HEADS: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
         "projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"]),
         "predictor": mlp(a["projection_dim"], a["prediction_hidden_dim"], a["projection_dim"], 2)},
     "SupCon": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], 2)},
+    "WMSE": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], 2)},
     "TiCo": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"]),
                           "covariance": (a["projection_dim"], a["projection_dim"])},
     "NNCLR": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"]),

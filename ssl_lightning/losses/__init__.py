@@ -6,6 +6,7 @@ from ssl_lightning.losses.cosine import fastsiam_loss, negative_cosine_similarit
 from ssl_lightning.losses.supcon import supcon_loss
 from ssl_lightning.losses.nnclr import nearest_neighbours, nnclr_loss
 from ssl_lightning.losses.tico import TiCoTerms, tico_loss
+from ssl_lightning.losses.wmse import whiten, wmse_loss
 from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
 from ssl_lightning.losses.inpainting import hidden_region_mse
 from ssl_lightning.losses.swav import sinkhorn_knopp, swav_loss
@@ -36,6 +37,8 @@ __all__ = [
     "nnclr_loss",
     "TiCoTerms",
     "tico_loss",
+    "whiten",
+    "wmse_loss",
     "hidden_region_mse",
     "sinkhorn_knopp",
     "swav_loss",

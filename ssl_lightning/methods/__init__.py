@@ -27,6 +27,7 @@ from ssl_lightning.methods.fastsiam import FastSiam
 from ssl_lightning.methods.supcon import SupCon
 from ssl_lightning.methods.nnclr import NNCLR
 from ssl_lightning.methods.tico import TiCo
+from ssl_lightning.methods.wmse import WMSE
 
 __all__ = [
     "SSLMethod",
@@ -56,4 +57,5 @@ __all__ = [
     "SupCon",
     "NNCLR",
     "TiCo",
+    "WMSE",
 ]
