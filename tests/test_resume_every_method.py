@@ -75,6 +75,7 @@ RECIPES: dict[str, tuple[dict[str, Any], SimCLRViews | None]] = {
     "LeJEPA": ({**BACKBONE, **PROJECTOR, "num_slices": 16, "optim": SGD}, MULTI_CROP),
     "FastSiam": ({**BACKBONE, **HEADS[methods.SimSiam], "num_views": 3, "optim": SGD}, SimCLRViews(16, num_views=3)),
     "SupCon": ({**BACKBONE, **PROJECTOR, "optim": SGD}, None),
+    "DenseCL": ({**BACKBONE, **HEADS[methods.MoCoV2], "dense_hidden_dim": 16, "optim": SGD}, None),
     "WMSE": ({**BACKBONE, "projection_hidden_dim": 32, "projection_dim": 4, "whitening_size": 8, "optim": SGD}, None),
     "TiCo": ({**BACKBONE, **PROJECTOR, "optim": SGD}, None),
     "NNCLR": ({**BACKBONE, **PROJECTOR, "prediction_hidden_dim": 16, "queue_size": 16, "optim": SGD}, None),

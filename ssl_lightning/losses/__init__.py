@@ -7,6 +7,7 @@ from ssl_lightning.losses.supcon import supcon_loss
 from ssl_lightning.losses.nnclr import nearest_neighbours, nnclr_loss
 from ssl_lightning.losses.tico import TiCoTerms, tico_loss
 from ssl_lightning.losses.wmse import whiten, wmse_loss
+from ssl_lightning.losses.densecl import dense_contrastive_loss, dense_correspondence
 from ssl_lightning.losses.infonce import infonce_queue_loss, moco_v3_contrastive_loss, moco_v3_loss
 from ssl_lightning.losses.inpainting import hidden_region_mse
 from ssl_lightning.losses.swav import sinkhorn_knopp, swav_loss
@@ -39,6 +40,8 @@ __all__ = [
     "tico_loss",
     "whiten",
     "wmse_loss",
+    "dense_contrastive_loss",
+    "dense_correspondence",
     "hidden_region_mse",
     "sinkhorn_knopp",
     "swav_loss",

@@ -28,6 +28,7 @@ from ssl_lightning.methods.supcon import SupCon
 from ssl_lightning.methods.nnclr import NNCLR
 from ssl_lightning.methods.tico import TiCo
 from ssl_lightning.methods.wmse import WMSE
+from ssl_lightning.methods.densecl import DenseCL
 
 __all__ = [
     "SSLMethod",
@@ -58,4 +59,5 @@ __all__ = [
     "NNCLR",
     "TiCo",
     "WMSE",
+    "DenseCL",
 ]

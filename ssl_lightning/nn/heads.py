@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -36,3 +37,14 @@ class MLPHead(nn.Sequential):
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
+
+
+class DenseProjectionHead(nn.Sequential):
+    """DenseCL's dense projection head (Wang et al. 2021, sec. 3.2): MoCo v2's MLP as 1x1 convolutions (conv, ReLU,
+    conv) applied at every location of a (B, C, H, W) feature map; returns (B, out_dim, H * W)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, out_dim, 1))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(feature_map).flatten(2)
