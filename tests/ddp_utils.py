@@ -36,3 +36,20 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
         out_path = os.path.join(tmp, "result.pt")
         mp.spawn(_worker, args=(world_size, _free_port(), fn, args, out_path), nprocs=world_size, join=True)
         return torch.load(out_path, weights_only=True)
+
+
+def as_one_process(loss: torch.Tensor, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """What one process on the full batch holds, from each rank's ``loss`` and its gradients with respect to its
+    rows of each input: the mean of the ranks' losses, and per input the ranks' gradients concatenated in rank
+    order and divided by the world size (DDP's average). Unchanged on one process (no process group)."""
+    if not dist.is_initialized():
+        return loss.detach(), tuple(grads)
+    world_size = dist.get_world_size()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    full = []
+    for grad in grads:
+        parts = [torch.zeros_like(grad) for _ in range(world_size)]
+        dist.all_gather(parts, grad.contiguous())
+        full.append(torch.cat(parts) / world_size)
+    return mean / world_size, tuple(full)

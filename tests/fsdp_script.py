@@ -34,7 +34,8 @@ from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.losses.ibot import masked_patch_weights
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.methods.dino import DINO
-from ssl_lightning.methods.ibot import IBOT, PatchMasks
+from ssl_lightning.methods.ibot import IBOT
+from ssl_lightning.nn.masking import PatchMasks
 from ssl_lightning.methods.mae import MAE
 from ssl_lightning.nn.masking import step_generator
 from ssl_lightning.nn.masking.blockwise import block_masks

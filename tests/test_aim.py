@@ -14,6 +14,7 @@ import torch
 import ssl_lightning.methods.aim as aim_module
 from ssl_lightning.losses.aim import aim_loss
 from ssl_lightning.methods.aim import AIM
+from ssl_lightning.nn import AIMHead
 from ssl_lightning.nn.masking import step_generator
 from ssl_lightning.nn.masking.prefix import prefix_causal_mask, random_prefix_lengths
 from ssl_lightning.nn.pos_embed import sincos_pos_embed_2d
@@ -203,3 +204,27 @@ def test_bad_settings_fail_in_one_line() -> None:
         with pytest.raises(ValueError, match=message):
             model.setup("fit")
     model._trainer = None
+
+
+def aim_head_by_loop(head: AIMHead, tokens: torch.Tensor) -> torch.Tensor:
+    """Section 3's MLP head written out token by token: x = W_in t; x += W2 GELU(W1 LN(x)) per block; W_out LN(x)."""
+    out = torch.empty(*tokens.shape[:-1], head.proj_out.out_features, dtype=tokens.dtype)
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in tokens.shape[:-1])):
+        x = head.proj_in.weight @ tokens[tuple(index)]
+        for norm, fc1, _, fc2 in head.blocks:
+            normed = torch.nn.functional.layer_norm(x, x.shape, norm.weight, norm.bias, norm.eps)
+            x = x + fc2.weight @ torch.nn.functional.gelu(fc1.weight @ normed)
+        normed = torch.nn.functional.layer_norm(x, x.shape, head.norm.weight, head.norm.bias, head.norm.eps)
+        out[tuple(index)] = head.proj_out.weight @ normed
+    return out
+
+
+def test_aim_head_is_the_papers_residual_mlp_applied_to_every_token_alone() -> None:
+    torch.manual_seed(0)
+    head = AIMHead(in_dim=6, out_dim=5, dim=8, num_blocks=2, mlp_ratio=2.0)
+    assert [tuple(m.weight.shape) for m in head.modules() if isinstance(m, torch.nn.Linear)] == \
+        [(8, 6), (16, 8), (8, 16), (16, 8), (8, 16), (5, 8)]
+    assert all(m.bias is None for m in head.modules() if isinstance(m, torch.nn.Linear))
+    tokens = torch.randn(2, 3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(head(tokens), aim_head_by_loop(head, tokens), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ssl_lightning.losses import infonce_queue_loss, moco_v3_contrastive_loss, nt_xent_loss
 from ssl_lightning.methods import MoCoV2, MoCoV3, SimCLR
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import as_one_process, run_distributed
 
 TEMPERATURE, SIGMA = 0.3, 0.5
 
@@ -114,21 +114,8 @@ def _losses_on_ranks(rank: int, world_size: int, z: torch.Tensor, queue: torch.T
                 value = infonce_queue_loss(z1, z2, queue, TEMPERATURE, loss, SIGMA)
             else:
                 value = moco_v3_contrastive_loss(z1, z2, TEMPERATURE, loss, SIGMA)
-            grads = torch.autograd.grad(value, (z1, z2))
-            gathered = []
-            for grad in grads:  # the gradient of the mean of the ranks' losses w.r.t. the full batch's rows
-                parts = [torch.zeros_like(grad) for _ in range(world_size)]
-                if world_size > 1:
-                    torch.distributed.all_gather(parts, grad.contiguous())
-                else:
-                    parts = [grad]
-                gathered.append(torch.cat(parts) / world_size)
-            values = [torch.zeros_like(value) for _ in range(world_size)]
-            if world_size > 1:
-                torch.distributed.all_gather(values, value.detach())
-            else:
-                values = [value.detach()]
-            results[f"{form}_{loss}"] = (torch.stack(values).mean(), *gathered)
+            mean, grads = as_one_process(value, torch.autograd.grad(value, (z1, z2)))
+            results[f"{form}_{loss}"] = (mean, *grads)
     return results
 
 

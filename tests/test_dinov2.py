@@ -21,7 +21,7 @@ from ssl_lightning.losses.ibot import masked_patch_weights
 from ssl_lightning.losses.koleo import koleo_loss
 from ssl_lightning.losses.swav import sinkhorn_knopp
 from ssl_lightning.methods.dinov2 import DINOv2
-from ssl_lightning.methods.ibot import PatchMasks
+from ssl_lightning.nn.masking import PatchMasks
 from ssl_lightning.nn.masking import step_generator
 from ssl_lightning.nn.masking.stratified import stratified_mask_ratios
 from ssl_lightning.optim import OptimConfig

@@ -19,7 +19,8 @@ from ssl_lightning.callbacks.momentum import MomentumUpdate
 from ssl_lightning.datamodules import SyntheticData
 from ssl_lightning.losses.dino import dino_loss
 from ssl_lightning.losses.ibot import cross_view_loss, ibot_patch_loss, masked_patch_weights
-from ssl_lightning.methods.ibot import IBOT, PatchMasks
+from ssl_lightning.methods.ibot import IBOT
+from ssl_lightning.nn.masking import PatchMasks
 from ssl_lightning.nn.masking import step_generator
 from ssl_lightning.nn.masking.blockwise import block_masks, blockwise_mask, mask_ratios
 from ssl_lightning.optim import OptimConfig

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ssl_lightning.losses.nnclr import nearest_neighbours, nnclr_loss
 from ssl_lightning.methods import NNCLR
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import as_one_process, run_distributed
 from tests.tiny_methods import BACKBONE, one_thread  # noqa: F401 (autouse fixture)
 from tests.wiring_utils import fixed_views, run_training_step
 
@@ -71,17 +71,8 @@ def _loss_on_ranks(rank: int, world_size: int, z: torch.Tensor, p: torch.Tensor,
     p1, p2 = (p[v, rows].clone().requires_grad_(True) for v in range(2))
     loss = (nnclr_loss(nearest_neighbours(z[0, rows], support), p2, TEMPERATURE)
             + nnclr_loss(nearest_neighbours(z[1, rows], support), p1, TEMPERATURE)) / 2
-    grads = torch.autograd.grad(loss, (p1, p2))
-    if world_size == 1:
-        return {"loss": loss.detach(), "grads": grads}
-    losses = [torch.zeros_like(loss) for _ in range(world_size)]
-    torch.distributed.all_gather(losses, loss.detach())
-    full = []
-    for grad in grads:
-        parts = [torch.zeros_like(grad) for _ in range(world_size)]
-        torch.distributed.all_gather(parts, grad.contiguous())
-        full.append(torch.cat(parts) / world_size)
-    return {"loss": torch.stack(losses).mean(), "grads": tuple(full)}
+    mean, grads = as_one_process(loss, torch.autograd.grad(loss, (p1, p2)))
+    return {"loss": mean, "grads": grads}
 
 
 def test_two_processes_equal_one_process_on_the_full_batch() -> None:

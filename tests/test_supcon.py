@@ -12,7 +12,7 @@ import torch
 
 from ssl_lightning.losses import nt_xent_loss, supcon_loss
 from ssl_lightning.methods import SupCon
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import as_one_process, run_distributed
 from tests.tiny_methods import BACKBONE, one_thread  # noqa: F401 (autouse fixture)
 from tests.wiring_utils import fixed_views, run_training_step
 
@@ -55,17 +55,9 @@ def _loss_on_ranks(rank: int, world_size: int, z: torch.Tensor, labels: torch.Te
     rows = slice(rank * z.shape[1] // world_size, (rank + 1) * z.shape[1] // world_size)
     z1, z2 = (z[v, rows].clone().requires_grad_(True) for v in range(2))
     loss = supcon_loss(z1, z2, labels[rows], TEMPERATURE)
-    grads = torch.autograd.grad(loss, (z1, z2))  # a rank's rows also get the other ranks' gradients (gathered)
-    if world_size == 1:
-        return {"loss": loss.detach(), "grads": grads}
-    losses = [torch.zeros_like(loss) for _ in range(world_size)]
-    torch.distributed.all_gather(losses, loss.detach())
-    full = []
-    for grad in grads:
-        parts = [torch.zeros_like(grad) for _ in range(world_size)]
-        torch.distributed.all_gather(parts, grad.contiguous())
-        full.append(torch.cat(parts) / world_size)
-    return {"loss": torch.stack(losses).mean(), "grads": tuple(full)}
+    # a rank's rows also get the other ranks' gradients (the embeddings are gathered with gradient)
+    mean, grads = as_one_process(loss, torch.autograd.grad(loss, (z1, z2)))
+    return {"loss": mean, "grads": grads}
 
 
 def test_two_processes_equal_one_process_on_the_full_batch() -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ssl_lightning.losses.tico import tico_loss
 from ssl_lightning.methods import TiCo
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import as_one_process, run_distributed
 from tests.tiny_methods import BACKBONE, one_thread  # noqa: F401 (autouse fixture)
 from tests.wiring_utils import fixed_views, run_training_step
 
@@ -56,17 +56,7 @@ def _steps_on_ranks(rank: int, world_size: int, z: torch.Tensor) -> dict[str, An
         z1, z2 = (z[step, v, rows].clone().requires_grad_(True) for v in range(2))
         terms = tico_loss(z1, z2, covariance, BETA, RHO)
         covariance = terms.covariance
-        grads = torch.autograd.grad(terms.loss, (z1, z2))
-        loss = terms.loss.detach()
-        if world_size > 1:
-            torch.distributed.all_reduce(loss)
-            loss /= world_size
-            full = []
-            for grad in grads:
-                parts = [torch.zeros_like(grad) for _ in range(world_size)]
-                torch.distributed.all_gather(parts, grad.contiguous())
-                full.append(torch.cat(parts) / world_size)
-            grads = tuple(full)
+        loss, grads = as_one_process(terms.loss, torch.autograd.grad(terms.loss, (z1, z2)))
         results.append({"loss": loss, "grads": grads, "covariance": covariance})
     return {"steps": results}
 

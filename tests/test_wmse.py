@@ -14,7 +14,7 @@ import torch
 from ssl_lightning.losses.wmse import whiten, wmse_loss
 from ssl_lightning.methods import WMSE
 from ssl_lightning.transforms import SimCLRViews
-from tests.ddp_utils import run_distributed
+from tests.ddp_utils import as_one_process, run_distributed
 from tests.tiny_methods import BACKBONE, one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -80,15 +80,9 @@ def _loss_on_ranks(rank: int, world_size: int, z: torch.Tensor) -> dict[str, Any
     rows = slice(rank * z.shape[1] // world_size, (rank + 1) * z.shape[1] // world_size)
     views = [z[v, rows].clone().requires_grad_(True) for v in range(z.shape[0])]
     loss = wmse_loss(views, 8, torch.Generator().manual_seed(3))
-    grads = torch.autograd.grad(loss, views)
-    if world_size == 1:
-        return {"loss": loss.detach(), "grads": grads}
-    full = []
-    for grad in grads:  # every rank computes the global loss: DDP averages the gathered rows' gradients
-        parts = [torch.zeros_like(grad) for _ in range(world_size)]
-        torch.distributed.all_gather(parts, grad.contiguous())
-        full.append(torch.cat(parts) / world_size)
-    return {"loss": loss.detach(), "grads": tuple(full)}
+    # every rank computes the global loss (their mean is that loss); DDP averages the gathered rows' gradients
+    mean, grads = as_one_process(loss, torch.autograd.grad(loss, views))
+    return {"loss": mean, "grads": grads}
 
 
 def test_two_processes_equal_one_process_on_the_full_batch() -> None:

@@ -13,38 +13,15 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from ssl_lightning.backbones import check_divisible, require_vit
 from ssl_lightning.losses.aim import aim_loss
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.nn import AIMHead
 from ssl_lightning.nn.masking import default_mask_seed, step_generator
 from ssl_lightning.nn.masking.prefix import prefix_causal_mask, random_prefix_lengths
 from ssl_lightning.nn.pos_embed import sincos_pos_embed_2d
 from ssl_lightning.nn.vit_mae import patchify
-
-
-class AIMHead(nn.Module):
-    """AIM's token-level prediction head (section 3, "MLP prediction heads"): a linear map to width ``dim``,
-    ``num_blocks`` pre-norm residual MLP blocks (expansion ``mlp_ratio``, GELU), a LayerNorm and a linear map to
-    the patch's pixels; every token independently. No biases in the linear layers, as the paper's trunk and head."""
-
-    def __init__(self, in_dim: int, out_dim: int, dim: int = 2048, num_blocks: int = 12, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.proj_in = nn.Linear(in_dim, dim, bias=False)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
-            for _ in range(num_blocks)
-        )
-        self.norm = nn.LayerNorm(dim)
-        self.proj_out = nn.Linear(dim, out_dim, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.proj_in(tokens)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.proj_out(self.norm(x))
 
 
 class AIM(SSLMethod):

@@ -19,7 +19,8 @@ from torch import nn
 
 from ssl_lightning.losses.koleo import koleo_loss
 from ssl_lightning.losses.swav import sinkhorn_knopp
-from ssl_lightning.methods.ibot import IBOT, PatchMasks
+from ssl_lightning.methods.ibot import IBOT
+from ssl_lightning.nn.masking import PatchMasks
 from ssl_lightning.nn.masking.stratified import stratified_mask_ratios
 from ssl_lightning.optim import find_vit
 

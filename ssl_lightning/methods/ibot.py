@@ -17,7 +17,7 @@ the unmasked crop (sec. 3.2, algorithm 1).
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,22 +31,8 @@ from ssl_lightning.losses.ibot import cross_view_loss, ibot_patch_loss, masked_p
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import DINOHead
 from ssl_lightning.nn.masking import default_mask_seed, step_generator
-from ssl_lightning.nn.masking.blockwise import block_masks, mask_ratios
+from ssl_lightning.nn.masking.blockwise import PatchMasks, block_masks, mask_ratios
 from ssl_lightning.optim import clip_grad_norm_per_parameter_
-
-
-class PatchMasks(NamedTuple):
-    """The masks of a step's global crops, on the training device.
-
-    mask: (2B, N) bool, True on the patches the student sees masked (crop-major: crop 0's images, then crop 1's).
-    rows: (M,) the masked patches' indices in the flattened (2B * N) patch tokens, in row-major order.
-    weights: (M,) the patch loss's weight of each masked patch (``losses.ibot.masked_patch_weights``).
-    All three are made on the CPU, where the masks are drawn, and moved in one transfer each (no sync).
-    """
-
-    mask: torch.Tensor
-    rows: torch.Tensor
-    weights: torch.Tensor
 
 
 class IBOT(SSLMethod):

@@ -4,7 +4,7 @@ draws the same masks)."""
 
 from ssl_lightning.nn.masking.generator import default_mask_seed, step_generator
 from ssl_lightning.nn.masking.random import kept_indices, masked_indices, random_mask
-from ssl_lightning.nn.masking.blockwise import block_masks, blockwise_mask, mask_ratios
+from ssl_lightning.nn.masking.blockwise import PatchMasks, block_masks, blockwise_mask, mask_ratios
 from ssl_lightning.nn.masking.stratified import stratified_mask_ratios
 from ssl_lightning.nn.masking.multiblock import MultiBlockMasks, multiblock_masks
 from ssl_lightning.nn.masking.coarse import coarse_random_mask, upsample_mask
@@ -16,6 +16,7 @@ __all__ = [
     "random_mask",
     "kept_indices",
     "masked_indices",
+    "PatchMasks",
     "block_masks",
     "blockwise_mask",
     "mask_ratios",

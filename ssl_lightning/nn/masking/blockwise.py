@@ -17,6 +17,7 @@ transfer.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -100,3 +101,17 @@ def blockwise_mask(
     """``block_masks(mask_ratios(...))``: (num_images, H * W) bool iBOT masks drawn from ``generator``."""
     ratios = mask_ratios(num_images, ratio_range, probability, generator)
     return block_masks(ratios, grid, generator, aspect_ratio)
+
+
+class PatchMasks(NamedTuple):
+    """The masks of a step's global crops, on the training device.
+
+    mask: (2B, N) bool, True on the patches the student sees masked (crop-major: crop 0's images, then crop 1's).
+    rows: (M,) the masked patches' indices in the flattened (2B * N) patch tokens, in row-major order.
+    weights: (M,) the patch loss's weight of each masked patch (``losses.ibot.masked_patch_weights``).
+    All three are made on the CPU, where the masks are drawn, and moved in one transfer each (no sync).
+    """
+
+    mask: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
