@@ -72,6 +72,15 @@ class SSLMethod(LightningModule):
         """Backbone features of ``images``: what downstream evaluation uses."""
         return self.backbone(self.to_memory_format(images))
 
+    def require_views(self, num_views: int) -> None:
+        """In ``setup``: one line naming the setting unless the data makes ``num_views`` global views and no local
+        ones (a method of K views of one size: FastSiam, W-MSE). No-op without a datamodule that has ``views``."""
+        views = getattr(getattr(self.trainer, "datamodule", None), "views", None)
+        if views is not None and (views.num_views != num_views or views.num_local):
+            raise ValueError(f"{type(self).__name__} trains on num_views={num_views} views per image: set "
+                             f"data.init_args.views.num_views: {num_views} and num_local: 0, got "
+                             f"{views.num_views} and {views.num_local}")
+
     def two_views(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of a two-view method's batch; a clear error for any other recipe (e.g. multi-crop)."""
         views = batch["views"]

@@ -23,11 +23,7 @@ class FastSiam(SimSiam):
         self.num_views = num_views
 
     def setup(self, stage: str) -> None:
-        views = getattr(getattr(self.trainer, "datamodule", None), "views", None)
-        if views is not None and (views.num_views != self.num_views or views.num_local):
-            raise ValueError(f"FastSiam trains on num_views={self.num_views} views per image: set "
-                             f"data.init_args.views.num_views: {self.num_views} and num_local: 0, got "
-                             f"{views.num_views} and {views.num_local}")
+        self.require_views(self.num_views)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         views = batch["views"]

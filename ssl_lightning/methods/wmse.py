@@ -49,12 +49,9 @@ class WMSE(SSLMethod):
         self.projector = MLPHead(self.backbone.feature_dim, projection_hidden_dim, projection_dim, num_layers=2)
 
     def setup(self, stage: str) -> None:
-        trainer, datamodule = self.trainer, getattr(self.trainer, "datamodule", None)
-        views, batch_size = getattr(datamodule, "views", None), getattr(datamodule, "batch_size", None)
-        if views is not None and (views.num_views != self.num_views or views.num_local):
-            raise ValueError(f"WMSE trains on num_views={self.num_views} views per image: set "
-                             f"data.init_args.views.num_views: {self.num_views} and num_local: 0, got "
-                             f"{views.num_views} and {views.num_local}")
+        self.require_views(self.num_views)
+        trainer = self.trainer
+        batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
         if batch_size is not None and (batch_size * trainer.world_size) % self.whitening_size:
             raise ValueError(f"WMSE: the global batch ({batch_size} x {trainer.world_size} processes) is not a "
                              f"multiple of whitening_size={self.whitening_size}")
