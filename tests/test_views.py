@@ -105,8 +105,8 @@ def test_output_shapes_and_dtypes() -> None:
     assert out.shape == (4, 3, 24, 24) and out.dtype == torch.float32
     view = r.per_sample()(images(1, 50, 40)[0])
     assert view.shape == (3, 24, 24) and view.dtype == torch.float32
-    crop = r.worker_crop()(images(1, 50, 40)[0])
-    assert crop.shape == (3, 24, 24) and crop.dtype == torch.uint8
+    crop, box = r.worker_crop()(images(1, 50, 40)[0])
+    assert crop.shape == (3, 24, 24) and crop.dtype == torch.uint8 and box.shape == (5,) and box[4] == 0
     assert r.batched()(torch.stack([crop, crop]), gen(), crop=False).shape == (2, 3, 24, 24)
 
 

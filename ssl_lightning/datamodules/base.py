@@ -42,12 +42,12 @@ class TensorImages(Dataset):
 
 
 class ViewsDataset(Dataset):
-    """``{"views": [make(image) for make in make_views], "label"}`` from a source of ``(image, label)``.
+    """``{"views", "boxes", "label", "index"}`` from a source of ``(image, label)``: one ``(view, box)``
+    callable per view (``CroppedView``), so the local crops of multi-crop get their own size and scale."""
 
-    One callable per view, so the local crops of multi-crop get their own size and scale.
-    """
-
-    def __init__(self, source: Dataset, make_views: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    def __init__(
+        self, source: Dataset, make_views: Sequence[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+    ) -> None:
         self.source, self.make_views = source, list(make_views)
 
     def __len__(self) -> int:
@@ -55,11 +55,12 @@ class ViewsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.source[index]
-        return {"views": [make(image) for make in self.make_views], "label": label}
+        views, boxes = zip(*(make(image) for make in self.make_views))
+        return {"views": list(views), "boxes": list(boxes), "label": label, "index": index}
 
 
 class TransformedImages(Dataset):
-    """``{"image": transform(image), "label"}`` from a source of ``(image, label)``."""
+    """``{"image": transform(image), "label", "index"}`` from a source of ``(image, label)``."""
 
     def __init__(self, source: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.source, self.transform = source, transform
@@ -69,7 +70,7 @@ class TransformedImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.source[index]
-        return {"image": self.transform(image), "label": label}
+        return {"image": self.transform(image), "label": label, "index": index}
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -233,6 +234,13 @@ class SSLDataModule(LightningDataModule):
         """Labeled training images for the kNN bank (defaults to the training source if labeled)."""
         return self._train if self.num_classes is not None else None
 
+    @property
+    def num_train_items(self) -> int:
+        """The number of training images (dataset indices in training batches are below it); after ``setup``."""
+        if self._train is None:
+            raise RuntimeError(f"{type(self).__name__}.num_train_items is known after setup()")
+        return len(self._train)  # type: ignore[arg-type]
+
     # ---- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self._train is None:
@@ -308,7 +316,7 @@ class SSLDataModule(LightningDataModule):
         return eval_transform(self.eval_crop, self.mean, self.std, resize=self.eval_resize)
 
     def _device_views(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The views of a batch, global views first; each size is made as one batched call.
+        """The views of a batch and their boxes, global views first; each size is made as one batched call.
 
         Parameters are drawn per sample and per view from the step's generator, in view order.
         """
@@ -317,13 +325,18 @@ class SSLDataModule(LightningDataModule):
         if self._batched_local is not None:
             groups.append((self._batched_local, self.views.num_local))
         views: list[torch.Tensor] = []
+        boxes: list[torch.Tensor] = []
         for make, count in groups:
             if "image" in batch:  # whole images: crop on the device too
-                views += make(batch["image"].repeat(count, 1, 1, 1), generator, crop=True).chunk(count)
-            else:  # crops made in workers: the rest of the recipe on the device
+                made, places = make.with_boxes(batch["image"].repeat(count, 1, 1, 1), generator, True, count)
+            else:  # crops made in workers (their boxes too): the rest of the recipe on the device (the flips)
                 crops = torch.cat(batch["views"][len(views) : len(views) + count])
-                views += make(crops, generator, crop=False).chunk(count)
-        return {"views": views, "label": batch["label"]}
+                made, flips = make.with_boxes(crops, generator, False, count)
+                places = torch.cat([torch.cat(batch["boxes"][len(views) : len(views) + count])[:, :4], flips[:, 4:]], 1)
+            views += made.chunk(count)
+            boxes += places.chunk(count)
+        rest = {key: value for key, value in batch.items() if key not in ("image", "views", "boxes")}
+        return {"views": views, "boxes": boxes, **rest}  # label, index
 
     def _step_generator(self, device: torch.device) -> torch.Generator:
         """A generator seeded from (seed, rank, batch count): distinct per rank, reproducible on resume."""

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # the recipe's type only: at run time simclr.py imports this 
     from ssl_lightning.transforms.simclr import SimCLRViews
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+#: the recipe fields a view may set for itself in ``SimCLRViews.per_view`` (one draw per sample and view)
+PER_VIEW_FIELDS = ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 
 
 def blur_kernel_size(size: int) -> int:
@@ -29,9 +31,10 @@ def blur_kernel_size(size: int) -> int:
 
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
-# Columns of the per-sample uniform draw: crop scale x10, log ratio x10, top/left, flip, jitter
-# switch, jitter factors (brightness, contrast, saturation, hue), grayscale switch, blur switch, sigma.
-_DRAWS = (CROP_ATTEMPTS, CROP_ATTEMPTS, 2, 1, 1, 4, 1, 1, 1)
+SOLARIZE_THRESHOLD = 128  # of 255: BYOL's 0.5 threshold on uint8 images, as torchvision's RandomSolarize(128)
+# Columns of the per-sample uniform draw: crop scale x10, log ratio x10, top/left, flip, jitter switch,
+# jitter factors (brightness, contrast, saturation, hue), grayscale switch, blur switch, sigma, solarize switch.
+_DRAWS = (CROP_ATTEMPTS, CROP_ATTEMPTS, 2, 1, 1, 4, 1, 1, 1, 1)
 
 
 def _per_sample(factor: torch.Tensor) -> torch.Tensor:
@@ -192,6 +195,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.view(b, c, height, width)
 
 
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """Invert the pixels at or above the threshold (float images in [0, 1])."""
+    return torch.where(x >= SOLARIZE_THRESHOLD / 255, 1 - x, x)
+
+
 def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(_per_sample(mask), a, b)
 
@@ -210,37 +218,70 @@ class BatchedViews:
     def __init__(self, recipe: SimCLRViews) -> None:
         self.recipe = recipe
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._probabilities: dict[tuple[int, int, torch.device], dict[str, torch.Tensor]] = {}
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, crop: bool = True) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float32 normalized (B, 3, size, size).
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, crop: bool = True, views: int = 1
+    ) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 normalized (B, 3, size, size); see ``with_boxes``."""
+        return self.with_boxes(images, generator, crop, views)[0]
 
-        With ``crop=False`` the images must already be (B, 3, size, size) (cropped in workers by
-        ``recipe.worker_crop()``); only flip and the photometric ops apply.
+    def with_boxes(
+        self, images: torch.Tensor, generator: torch.Generator, crop: bool = True, views: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) -> float32 normalized (B, 3, size, size) and each view's (B, 5) box
+        (top, left, height, width, flipped), the crop's place in fractions of the image's sides.
+
+        ``images`` holds ``views`` equal blocks of rows, block ``v`` made with view ``v``'s probabilities
+        (``recipe.per_view``). With ``crop=False`` the images must already be (B, 3, size, size) (cropped
+        in workers by ``recipe.worker_crop()``): only flip and the photometric ops apply, and the boxes
+        are the whole crop.
         """
-        self._check(images, crop)
+        self._check(images, crop, views)
         r = self.recipe
         u = torch.rand(images.shape[0], sum(_DRAWS), generator=generator, device=generator.device)
-        u_scale, u_ratio, u_pos, u_flip, u_jitter, u_factors, u_gray, u_blur, u_sigma = u.to(images.device).split(
-            _DRAWS, dim=1
-        )
+        u_scale, u_ratio, u_pos, u_flip, u_jitter, u_factors, u_gray, u_blur, u_sigma, u_solarize = u.to(
+            images.device
+        ).split(_DRAWS, dim=1)
+        chance = self._chances(images.shape[0], views, images.device)
+        applies = {name: max(r.view_probabilities(name)) > 0 for name in PER_VIEW_FIELDS}
         x = images.float().div_(255)
-        flip = u_flip.squeeze(1) < r.hflip_p
+        flip = u_flip.squeeze(1) < chance["hflip_p"]
+        height, width = x.shape[-2:]
         if crop:
-            boxes = sample_crop_boxes(u_scale, u_ratio, u_pos, x.shape[-2], x.shape[-1], r.scale, r.ratio)
+            boxes = sample_crop_boxes(u_scale, u_ratio, u_pos, height, width, r.scale, r.ratio)
             x = resized_crop_flip(x, boxes, flip, r.size)
-        elif r.hflip_p > 0:
-            x = _select(flip, x.flip(-1), x)
-        if r.jitter_p > 0:
-            x = _select(u_jitter.squeeze(1) < r.jitter_p, self._jitter(x, u_factors), x)
-        if r.grayscale_p > 0:
-            x = _select(u_gray.squeeze(1) < r.grayscale_p, rgb_to_grayscale(x).expand_as(x), x)
+            boxes = boxes / torch.tensor([height, width, height, width], dtype=boxes.dtype, device=boxes.device)
+        else:
+            if applies["hflip_p"]:
+                x = _select(flip, x.flip(-1), x)
+            boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=x.device).expand(x.shape[0], 4)
+        if applies["jitter_p"]:
+            x = _select(u_jitter.squeeze(1) < chance["jitter_p"], self._jitter(x, u_factors), x)
+        if applies["grayscale_p"]:
+            x = _select(u_gray.squeeze(1) < chance["grayscale_p"], rgb_to_grayscale(x).expand_as(x), x)
         if r.blurs:
             sigma = _uniform(u_sigma.squeeze(1), *r.blur_sigma)
-            x = _select(u_blur.squeeze(1) < r.blur_p, gaussian_blur(x, sigma, blur_kernel_size(r.size)), x)
+            x = _select(u_blur.squeeze(1) < chance["blur_p"], gaussian_blur(x, sigma, blur_kernel_size(r.size)), x)
+        if applies["solarize_p"]:
+            x = _select(u_solarize.squeeze(1) < chance["solarize_p"], solarize(x), x)
         shift, scale = self._normalization(x.device)
-        return torch.addcmul(shift, x, scale)
+        return torch.addcmul(shift, x, scale), torch.cat([boxes.float(), flip.float().unsqueeze(1)], dim=1)
 
-    def _check(self, images: torch.Tensor, crop: bool) -> None:
+    def _chances(self, rows: int, views: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Each row's probability of every per-view op, (rows,) per name, views in blocks; cached, so a
+        step makes no host-to-device copy."""
+        key = (rows, views, device)
+        if key not in self._probabilities:
+            self._probabilities[key] = {
+                name: torch.tensor(self.recipe.view_probabilities(name)[:views], device=device).repeat_interleave(
+                    rows // views
+                )
+                for name in PER_VIEW_FIELDS
+            }
+        return self._probabilities[key]
+
+    def _check(self, images: torch.Tensor, crop: bool, views: int) -> None:
         shape = tuple(images.shape)
         if images.dtype != torch.uint8:
             raise ValueError(f"BatchedViews expects uint8 images, got {images.dtype} of shape {shape}")
@@ -249,6 +290,9 @@ class BatchedViews:
         size = self.recipe.size
         if not crop and shape[-2:] != (size, size):
             raise ValueError(f"crop=False needs images already cropped to (B, 3, {size}, {size}), got shape {shape}")
+        if not 1 <= views <= self.recipe.num_views or shape[0] % views:
+            raise ValueError(f"views={views}: the recipe has {self.recipe.num_views} views and the {shape[0]} images "
+                             "must split into equal blocks, one per view")
 
     def _jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Colour jitter with per-sample factors, in the fixed order brightness, contrast, saturation, hue."""

@@ -1,7 +1,8 @@
 """The SimCLR view recipe (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
 Representations", appendix A), as per-sample torchvision v2 transforms, optionally with the low-resolution
 local crops of multi-crop (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting
-Cluster Assignments", SwAV, section 3.2).
+Cluster Assignments", SwAV, section 3.2) and with per-view probabilities for asymmetric recipes such as
+BYOL's (Grill et al. 2020, "Bootstrap Your Own Latent", table 6: blur 1.0 / 0.1, solarization 0 / 0.2).
 
 The same recipe runs batched on the device through :class:`~ssl_lightning.transforms.batched.BatchedViews`
 (``SimCLRViews.batched()``).
@@ -14,8 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from ssl_lightning.transforms.batched import BatchedViews, blur_kernel_size
+from ssl_lightning.transforms.batched import PER_VIEW_FIELDS, SOLARIZE_THRESHOLD, BatchedViews, blur_kernel_size
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -35,11 +37,17 @@ def _triple(name: str, value: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+
 @dataclasses.dataclass
 class SimCLRViews:
     """SimCLR augmentation recipe (Chen et al. 2020, appendix A): random resized crop, horizontal flip,
     colour jitter (p=0.8, strength 0.4/0.4/0.4/0.1), random grayscale (p=0.2) and Gaussian blur
-    (p=0.5, sigma in [0.1, 2], kernel 10% of the side; skipped on small images such as CIFAR).
+    (p=0.5, sigma in [0.1, 2], kernel 10% of the side; skipped on small images such as CIFAR), then
+    solarization (p=0 here; pixels >= 128 of 255 inverted, as BYOL's).
+
+    ``per_view`` gives each global view its own probabilities (the fields in ``PER_VIEW_FIELDS``), one
+    mapping per view, e.g. BYOL's ``[{blur_p: 1.0}, {blur_p: 0.1, solarize_p: 0.2}]``; unnamed fields and
+    the local crops keep the recipe's values.
 
     ``num_views`` views are made per image; with the probabilities at 0 the same class describes the
     light single-view augmentation of pretext tasks and masked modelling (crop and flip only).
@@ -74,6 +82,8 @@ class SimCLRViews:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_min_size: int = 96
+    solarize_p: float = 0.0
+    per_view: tuple[dict[str, float], ...] = ()
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     num_local: int = 0
@@ -105,9 +115,17 @@ class SimCLRViews:
         self.blur_sigma = _pair("blur_sigma", self.blur_sigma)
         if self.blur_sigma[0] <= 0.0:
             raise ValueError(f"blur_sigma must be positive, got {self.blur_sigma}")
-        for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability and must lie in [0, 1], got {getattr(self, name)!r}")
+        for name in PER_VIEW_FIELDS:
+            _check_probability(name, getattr(self, name))
+        self.per_view = tuple(dict(view) for view in self.per_view)
+        if self.per_view and len(self.per_view) != self.num_views:
+            raise ValueError(f"per_view has {len(self.per_view)} entries for num_views={self.num_views} global views: "
+                             "give one mapping per global view")
+        for i, view in enumerate(self.per_view):
+            for name, value in view.items():
+                if name not in PER_VIEW_FIELDS:
+                    raise ValueError(f"per_view[{i}] sets {name!r}; a view may only set {', '.join(PER_VIEW_FIELDS)}")
+                _check_probability(f"per_view[{i}].{name}", value)
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0.0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
@@ -124,26 +142,39 @@ class SimCLRViews:
         return self.num_views + self.num_local
 
     def local_views(self) -> SimCLRViews:
-        """The recipe of the local crops alone: ``num_local`` views at ``local_size``/``local_scale``."""
+        """The recipe of the local crops alone: ``num_local`` views at ``local_size``/``local_scale``
+        (the recipe's own probabilities: ``per_view`` is for the global views)."""
         if self.num_local == 0:
             raise ValueError("local_views() needs num_local > 0; this recipe has no local crops")
         return dataclasses.replace(
-            self, size=self.local_size, scale=self.local_scale, num_views=self.num_local, num_local=0, local_size=0
+            self, size=self.local_size, scale=self.local_scale, num_views=self.num_local, num_local=0, local_size=0,
+            per_view=(),
         )
+
+    def view(self, index: int) -> SimCLRViews:
+        """The recipe of global view ``index`` alone: one view with its ``per_view`` probabilities."""
+        if not 0 <= index < self.num_views:
+            raise ValueError(f"view index {index} is out of range for num_views={self.num_views}")
+        overrides = self.per_view[index] if self.per_view else {}
+        return dataclasses.replace(self, **overrides, num_views=1, num_local=0, local_size=0, per_view=())
+
+    def view_probabilities(self, name: str) -> tuple[float, ...]:
+        """The probability ``name`` (one of ``PER_VIEW_FIELDS``) of each global view, in view order."""
+        return tuple(float(getattr(self.view(i), name)) for i in range(self.num_views))
 
     @property
     def blurs(self) -> bool:
-        """Whether the recipe blurs: only for images of at least ``blur_min_size`` pixels."""
-        return self.size >= self.blur_min_size and self.blur_p > 0.0
+        """Whether some view blurs: only images of at least ``blur_min_size`` pixels are blurred."""
+        return self.size >= self.blur_min_size and max(self.view_probabilities("blur_p")) > 0.0
 
-    def per_sample(self) -> v2.Compose:
-        """One view of ONE uint8 (3, H, W) image -> float32 normalized (3, size, size).
+    @property
+    def solarizes(self) -> bool:
+        """Whether some view is solarized."""
+        return max(self.view_probabilities("solarize_p")) > 0.0
 
-        Call it once per view; meant for DataLoader workers (each call draws its own parameters).
-        """
+    def _photometric(self) -> list[Callable]:
+        """Colour jitter, grayscale, blur and solarization of a uint8 crop, then scaling and normalization."""
         ops: list[Callable] = [
-            v2.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio, antialias=True),
-            v2.RandomHorizontalFlip(self.hflip_p),
             v2.RandomApply(
                 [v2.ColorJitter(self.brightness, self.contrast, self.saturation, self.hue)], p=self.jitter_p
             ),
@@ -151,27 +182,40 @@ class SimCLRViews:
         ]
         if self.blurs:
             ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(self.size), self.blur_sigma)], p=self.blur_p))
-        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-        return v2.Compose(ops)
+        if self.solarizes:
+            ops.append(v2.RandomSolarize(SOLARIZE_THRESHOLD, p=self.solarize_p))
+        return ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
-    def per_sample_views(self) -> list[v2.Compose]:
-        """One per-sample transform per view, global views first: ``total_views`` callables."""
-        local = [self.local_views().per_sample()] * self.num_local if self.num_local else []
-        return [self.per_sample()] * self.num_views + local
+    def per_sample(self) -> v2.Compose:
+        """One view of ONE uint8 (3, H, W) image -> float32 normalized (3, size, size), with the first
+        view's probabilities (``per_sample_views()`` gives each view its own).
 
-    def worker_crop(self) -> v2.Compose:
-        """Only the random resized crop, uint8 -> uint8 (3, size, size), for variable-size images.
-
-        The rest of the recipe then runs on the device with ``batched()(images, generator, crop=False)``.
+        Call it once per view; meant for DataLoader workers (each call draws its own parameters).
         """
+        first = self.view(0)
         return v2.Compose(
             [
                 v2.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio, antialias=True),
-                v2.ToDtype(torch.uint8, scale=True),
+                v2.RandomHorizontalFlip(first.hflip_p),
+                *first._photometric(),
             ]
         )
 
-    def worker_crops(self) -> list[v2.Compose]:
+    def per_sample_views(self) -> list[CroppedView]:
+        """One per-sample transform per view, global views first: ``total_views`` callables, each
+        returning ``(view, box)`` (see ``CroppedView``)."""
+        local = [self.local_views().view(0)] * self.num_local if self.num_local else []
+        recipes = [self.view(i) for i in range(self.num_views)] + local
+        return [CroppedView(r, r.hflip_p, v2.Compose(r._photometric())) for r in recipes]
+
+    def worker_crop(self) -> CroppedView:
+        """Only the random resized crop, uint8 -> ``(uint8 (3, size, size), box)``, for variable-size images.
+
+        The rest of the recipe then runs on the device with ``batched()(images, generator, crop=False)``.
+        """
+        return CroppedView(self, 0.0, v2.ToDtype(torch.uint8, scale=True))
+
+    def worker_crops(self) -> list[CroppedView]:
         """One ``worker_crop()`` per view, global views first (local ones at ``local_size``/``local_scale``)."""
         local = [self.local_views().worker_crop()] * self.num_local if self.num_local else []
         return [self.worker_crop()] * self.num_views + local
@@ -180,6 +224,31 @@ class SimCLRViews:
         """The same recipe on a whole uint8 batch on its device, parameters drawn per sample (the global
         views; ``local_views().batched()`` makes the local ones)."""
         return BatchedViews(self)
+
+
+class CroppedView:
+    """A random resized crop of ONE uint8 (3, H, W) image, flipped with probability ``hflip_p``, then
+    ``rest``; returns ``(rest(crop), box)`` with ``box`` = (top, left, height, width, flipped) as float32,
+    the crop's place in fractions of the image's height and width (the batch contract's ``boxes``)."""
+
+    def __init__(self, recipe: SimCLRViews, hflip_p: float, rest: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.crop = v2.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio, antialias=True)
+        self.size, self.hflip_p, self.rest = recipe.size, hflip_p, rest
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        box = self.crop.make_params([image])
+        crop = TF.resized_crop(image, **box, size=[self.size, self.size], antialias=True)
+        flipped = bool(torch.rand(()) < self.hflip_p)
+        if flipped:
+            crop = TF.horizontal_flip(crop)
+        height, width = image.shape[-2:]
+        place = (box["top"] / height, box["left"] / width, box["height"] / height, box["width"] / width)
+        return self.rest(crop), torch.tensor([*place, float(flipped)], dtype=torch.float32)
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} is a probability and must lie in [0, 1], got {value!r}")
 
 
 def eval_transform(
