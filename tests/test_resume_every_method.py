@@ -79,6 +79,8 @@ RECIPES: dict[str, tuple[dict[str, Any], SimCLRViews | None]] = {
     "WMSE": ({**BACKBONE, "projection_hidden_dim": 32, "projection_dim": 4, "whitening_size": 8, "optim": SGD}, None),
     "TiCo": ({**BACKBONE, **PROJECTOR, "optim": SGD}, None),
     "NNCLR": ({**BACKBONE, **PROJECTOR, "prediction_hidden_dim": 16, "queue_size": 16, "optim": SGD}, None),
+    "DeepClusterV2": ({**BACKBONE, **PROJECTOR, "num_prototypes": [4, 6], "kmeans_iterations": 3, "optim": SGD},
+                      MULTI_CROP),
 }
 TEXT_METHODS = {"MaskedLanguageModel"}
 

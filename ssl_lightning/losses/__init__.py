@@ -5,6 +5,7 @@ from ssl_lightning.losses.dcl import decoupled_contrastive_loss, von_mises_fishe
 from ssl_lightning.losses.cosine import fastsiam_loss, negative_cosine_similarity, normalized_mse
 from ssl_lightning.losses.supcon import supcon_loss
 from ssl_lightning.losses.nnclr import nearest_neighbours, nnclr_loss
+from ssl_lightning.losses.deepcluster import deepcluster_loss
 from ssl_lightning.losses.tico import TiCoTerms, tico_loss
 from ssl_lightning.losses.wmse import whiten, wmse_loss
 from ssl_lightning.losses.densecl import dense_contrastive_loss, dense_correspondence
@@ -36,6 +37,7 @@ __all__ = [
     "supcon_loss",
     "nearest_neighbours",
     "nnclr_loss",
+    "deepcluster_loss",
     "TiCoTerms",
     "tico_loss",
     "whiten",

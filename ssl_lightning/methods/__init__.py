@@ -29,6 +29,7 @@ from ssl_lightning.methods.nnclr import NNCLR
 from ssl_lightning.methods.tico import TiCo
 from ssl_lightning.methods.wmse import WMSE
 from ssl_lightning.methods.densecl import DenseCL
+from ssl_lightning.methods.deepcluster_v2 import DeepClusterV2
 
 __all__ = [
     "SSLMethod",
@@ -60,4 +61,5 @@ __all__ = [
     "TiCo",
     "WMSE",
     "DenseCL",
+    "DeepClusterV2",
 ]
