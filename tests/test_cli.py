@@ -73,6 +73,8 @@ def tiny_model_args(config: Path) -> list[str]:
         small += ["--model.init_args.projection_hidden_dim=64", "--model.init_args.projection_dim=64"]
     if "class_path: DeepClusterV2" in text:  # at most one cluster per image of the tests' data (8 to 32 images)
         small.append("--model.init_args.num_prototypes=[4, 4, 4]")
+    if "class_path: VICRegL" in text:  # gamma of the 16 cells of a 32 px view's 4 x 4 map (ImageNet's: 20 of 49)
+        small.append("--model.init_args.location_matches=[8, 2]")
     if "class_path: WMSE" in text:  # whitening sub-batches of the tests' batches (4 or 8 images)
         small += ["--model.init_args.projection_dim=2", "--model.init_args.whitening_size=4"]
     return small

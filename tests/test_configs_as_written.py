@@ -106,6 +106,9 @@ HEADS: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
                                    "assignments": (len(a["num_prototypes"]), None)},
     "BarlowTwins": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"])},
     "VICReg": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"])},
+    "VICRegL": lambda a, f: {
+        "projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], a["projection_layers"]),
+        "local_projector": mlp(f, a["local_projection_hidden_dim"], a["local_projection_dim"], a["local_projection_layers"])},
     "SwAV": lambda a, f: {"projector": mlp(f, a["projection_hidden_dim"], a["projection_dim"], 2),
                           "prototypes": chain(a["projection_dim"], a["num_prototypes"]),
                           "queue": (a["queue_length"], len(a["crops_for_assign"]), a["projection_dim"])},

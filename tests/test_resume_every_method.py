@@ -55,6 +55,8 @@ RECIPES: dict[str, tuple[dict[str, Any], SimCLRViews | None]] = {
               "queue_start_epoch": 1, "optim": SGD}, MULTI_CROP),
     "BarlowTwins": ({**BACKBONE, **PROJECTOR, "optim": SGD}, None),
     "VICReg": ({**BACKBONE, **PROJECTOR, "optim": SGD}, None),
+    "VICRegL": ({**BACKBONE, **PROJECTOR, "local_projection_hidden_dim": 16, "local_projection_dim": 8,
+                 "location_matches": (3, 1), "optim": SGD}, MULTI_CROP),
     "IBOT": ({"backbone": "vit_tiny", "backbone_kwargs": VIT, "out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8,
               "shared_head": False, "final_weight_decay": 0.4, "warmup_teacher_temperature_epochs": 2,
               "optim": OptimConfig(name="adamw", lr=1e-2, weight_decay=0.04)}, MULTI_CROP),

@@ -44,16 +44,29 @@ def vicreg_loss(
         raise ValueError(
             f"vicreg_loss expects two (N, D) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
         )
-    total, dim = z1.shape[0] * world_size(), z1.shape[1]
+    total = z1.shape[0] * world_size()
     if total < 2:
         raise ValueError(f"vicreg_loss needs at least 2 samples in the global batch for a variance, got {total}")
     with torch.autocast(z1.device.type, enabled=False):
         z = float32_or_wider(torch.stack([z1, z2]))  # (2 views, n, D)
-        invariance = all_reduce_sum_with_grad((z[0] - z[1]).pow(2).sum()) / (total * dim)
-        centered = z - all_reduce_sum_with_grad(z.sum(dim=1, keepdim=True)) / total
-        cov = all_reduce_sum_with_grad(centered.transpose(1, 2) @ centered) / (total - 1)  # (2, D, D)
-        std = torch.sqrt(cov.diagonal(dim1=1, dim2=2) + eps)  # (2, D)
-        variance = F.relu(1 - std).mean(dim=1).sum()
-        covariance = off_diagonal(cov).pow(2).sum() / dim
+        invariance = global_mse(z[0], z[1])
+        variance, covariance = (term.sum() for term in variance_covariance(z, eps))
     loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
     return VICRegLoss(loss, invariance, variance, covariance)
+
+
+def global_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """VICReg's ``s(Z, Z')``: the mean squared error over every entry of the GLOBAL batch (the squared errors'
+    sum all-reduced with gradient; every rank passes the same shape)."""
+    return all_reduce_sum_with_grad((a - b).pow(2).sum()) / (a.numel() * world_size())
+
+
+def variance_covariance(z: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's ``v(Z) = mean_j relu(1 - sqrt(Var(z^j) + eps))`` and ``c(Z) = sum_{i != j} C(Z)_ij^2 / D`` of every
+    (n, D) matrix in ``z`` (..., n, D): two tensors of shape (...). Means and covariances (over N - 1) are over the
+    GLOBAL batch of ``N = n x world size`` rows: the row sums and ``C`` are all-reduced with gradient."""
+    total, dim = z.shape[-2] * world_size(), z.shape[-1]
+    centered = z - all_reduce_sum_with_grad(z.sum(dim=-2, keepdim=True)) / total
+    cov = all_reduce_sum_with_grad(centered.transpose(-1, -2) @ centered) / (total - 1)  # (..., D, D)
+    std = torch.sqrt(cov.diagonal(dim1=-2, dim2=-1) + eps)  # (..., D)
+    return F.relu(1 - std).mean(dim=-1), off_diagonal(cov).pow(2).sum(dim=(-2, -1)) / dim

@@ -30,6 +30,7 @@ from ssl_lightning.methods.tico import TiCo
 from ssl_lightning.methods.wmse import WMSE
 from ssl_lightning.methods.densecl import DenseCL
 from ssl_lightning.methods.deepcluster_v2 import DeepClusterV2
+from ssl_lightning.methods.vicregl import VICRegL
 
 __all__ = [
     "SSLMethod",
@@ -62,4 +63,5 @@ __all__ = [
     "WMSE",
     "DenseCL",
     "DeepClusterV2",
+    "VICRegL",
 ]
