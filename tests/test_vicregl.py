@@ -231,7 +231,8 @@ def test_bad_input_fails_with_one_line() -> None:
     with pytest.raises(ValueError, match=r"VICRegL needs each view's crop box in batch\['boxes'\].*got no boxes") as error:
         run_training_step(model, fixed_views(4, 16))
     errors.append(error)
-    with pytest.raises(ValueError, match=r"num_matches=20 must lie in \[1, 4\]") as error:
-        run_training_step(model, boxed_views(4))  # gamma 20 of a 2 x 2 map
+    with pytest.raises(ValueError, match=r"location_matches=\[20, 4\] .* asks for 20 pairs of the 2 x 2 cells of view 0"
+                       r"'s feature map: keep each gamma within 1..4") as error:
+        run_training_step(model, boxed_views(4))
     errors.append(error)
     assert all("\n" not in str(e.value) for e in errors)

@@ -114,6 +114,13 @@ def vicregl_loss(
     pairs = [(i, j) for i in range(num_global) for j in range(views) if j != i]
     by_location = [location_matches[view >= num_global] for view in range(views)]
     by_features = [None if feature_matches is None else feature_matches[view >= num_global] for view in range(views)]
+    for name, setting, gammas in (("location_matches", location_matches, by_location),
+                                  ("feature_matches", feature_matches, by_features)):
+        for view, (gamma, cells) in enumerate(zip(gammas, local_embeddings)):
+            h, w = cells.shape[1:3]
+            if gamma is not None and not 0 < gamma <= h * w:
+                raise ValueError(f"{name}={list(setting)} (global, local views) asks for {gamma} pairs of the {h} x {w} "
+                                 f"cells of view {view}'s feature map: keep each gamma within 1..{h * w}")
     with torch.autocast(embeddings[0].device.type, enabled=False):
         z = float32_or_wider(torch.stack(embeddings))  # (V, B, D)
         invariance = torch.stack([global_mse(z[i], z[j]) for i, j in pairs]).mean()
