@@ -5,6 +5,9 @@ does not fit the data and more prototypes than images."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +23,7 @@ from ssl_lightning.methods import DeepClusterV2
 from ssl_lightning.nn.kmeans import nearest_centroids, spherical_kmeans
 from ssl_lightning.optim import OptimConfig
 from ssl_lightning.transforms import SimCLRViews
+from tests import ddp_deepcluster_v2
 from tests.ddp_utils import as_one_process, run_distributed
 from tests.tiny_methods import BACKBONE, one_thread  # noqa: F401 (autouse fixture)
 from tests.wiring_utils import fixed_views, run_training_step
@@ -228,3 +232,28 @@ def test_a_short_fit_fills_the_bank_first_and_loads_back(tmp_path: Path) -> None
     trainer.save_checkpoint(path)
     loaded = DeepClusterV2.load_from_checkpoint(path)
     assert torch.equal(loaded.memory_bank, model.memory_bank) and torch.equal(loaded.assignments, model.assignments)
+
+
+def test_lightning_ddp_keeps_the_bank_and_the_table_the_same_on_every_rank(tmp_path: Path) -> None:
+    """Two DDP processes, two epochs: the first bank (every image once, before the first step) equals one
+    process's; at the end both ranks hold the same bank, assignment table and prototypes, and every row of the bank
+    was rewritten by training (each rank writes the rows of both)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "log.txt", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "tests.ddp_deepcluster_v2", str(tmp_path)], cwd=root,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:  # the one-process reference runs while the DDP processes start
+            first_bank = ddp_deepcluster_v2.first_bank_one_process()
+            process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, (tmp_path / "log.txt").read_text()[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(ranks[0]["banks_clustered"][0], first_bank, rtol=1e-4, atol=1e-5)
+    for key in ("banks_clustered", "memory_bank", "assignments", "prototypes"):
+        for got, want in zip(ranks[1][key], ranks[0][key]):
+            assert torch.equal(got, want), key
+    assert len(ranks[0]["banks_clustered"]) == 2 and (ranks[0]["assignments"] >= 0).all()
+    assert ((ranks[0]["memory_bank"] - ranks[0]["banks_clustered"][0]).norm(dim=2) > 1e-4).all()
