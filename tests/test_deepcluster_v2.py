@@ -202,6 +202,10 @@ def test_settings_and_checkpoints_that_do_not_fit_the_data_fail_with_one_line() 
     model.setup("fit")
     assert model.memory_bank.shape == (2, 32, 8) and model.assignments.shape == (2, 32)
     assert model.hparams["dataset_size"] == 32  # a checkpoint rebuilds buffers of this size
+    model._trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(ValueError, match=r"trains from an ssl_lightning datamodule .* got NoneType") as error:
+        model.setup("fit")
+    assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=r"the checkpoint's memory bank holds 20 images, this run's training data "
                                          r"32; resume on the data it was trained on"):
         model.on_load_checkpoint({"state_dict": {"memory_bank": torch.zeros(2, 20, 8)}})

@@ -89,9 +89,13 @@ class DeepClusterV2(SSLMethod):
 
     def setup(self, stage: str) -> None:
         """Size the bank from the training data (before a checkpoint is restored) and check the settings."""
-        size = getattr(getattr(self.trainer, "datamodule", None), "num_train_items", None)
-        if stage != "fit" or size is None:
+        if stage != "fit":
             return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(datamodule, "num_train_items", None)
+        if size is None:
+            raise ValueError(f"DeepClusterV2 trains from an ssl_lightning datamodule (its num_train_items sizes the "
+                             f"memory bank, its evaluation loader fills the first one), got {type(datamodule).__name__}")
         if self.hparams.get("dataset_size") not in (None, size):
             raise ValueError(f"DeepClusterV2: dataset_size={self.hparams['dataset_size']} but the training data "
                              f"holds {size} images; set model.init_args.dataset_size: {size} or null (from the data)")
@@ -185,6 +189,6 @@ class _TransformedWithIndex(Dataset):
 
 
 def _training_images(datamodule: Any) -> Dataset:
-    """The training images with the evaluation transform, in training-set order (TODO: the datamodule's own accessor
-    once it has one; this reads its ``_train`` and ``_eval_fn``)."""
+    """The training images with the evaluation transform, in training-set order. Until ``SSLDataModule`` offers
+    this dataset itself, it is built from the datamodule's ``_train`` and ``_eval_fn``."""
     return _TransformedWithIndex(datamodule._train, datamodule._eval_fn())
