@@ -309,3 +309,14 @@ def test_crop_falls_back_to_torchvision_central_crop(h: int, w: int, ratio: tupl
 def test_bad_inputs_raise_with_the_shape(x: torch.Tensor, crop: bool, shape: str) -> None:
     with pytest.raises(ValueError, match=shape):
         SimCLRViews().batched()(x, gen(), crop=crop)
+
+
+@pytest.mark.slow  # compiling takes about 20 s
+def test_compiled_views_equal_eager_views() -> None:
+    """``compile_views``: the same views from the compiled elementwise stages (same draws, same recipe)."""
+    r = SimCLRViews(blur_min_size=32, solarize_p=0.5, per_view=({"blur_p": 1.0}, {"blur_p": 0.0}))
+    x = images().repeat(2, 1, 1, 1)
+    eager, boxes = r.batched().with_boxes(x, gen(), views=2)
+    compiled, compiled_boxes = r.batched(compile=True).with_boxes(x, gen(), views=2)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    assert torch.equal(compiled_boxes, boxes)

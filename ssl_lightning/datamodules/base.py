@@ -173,6 +173,10 @@ class SSLDataModule(LightningDataModule):
             share one size). Default: ``views.size``. ``eval_resize: none`` with images of ``views.size`` px
             (or ``eval_crop: none``) gives the model the files' pixels, only scaled and normalized.
 
+        compile_views: run the device views' elementwise stages (colour jitter, grayscale, solarization,
+            normalization) through ``torch.compile``: one compilation per batch shape at the start (tens of
+            seconds on a CPU), then several times faster views (``benchmarks/views_throughput.py``).
+
     The data's ``mean``/``std`` are saved in checkpoints (``datamodule_hyper_parameters``), so that
     ``ssl-lightning eval`` normalizes as in training whatever datamodule it evaluates on.
     """
@@ -196,6 +200,7 @@ class SSLDataModule(LightningDataModule):
         seed: Optional[int] = None,
         eval_resize: Union[int, Literal["none"], None] = None,
         eval_crop: Union[int, Literal["none"], None] = None,
+        compile_views: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -211,8 +216,8 @@ class SSLDataModule(LightningDataModule):
         self.eval_resize = default_resize if eval_resize is None else _size_or_none("eval_resize", eval_resize)
         self.save_hyperparameters({"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]},
                                   logger=False)
-        self._batched_views = self.views.batched()
-        self._batched_local = self.views.local_views().batched() if self.views.num_local else None
+        self._batched_views = self.views.batched(compile_views)
+        self._batched_local = self.views.local_views().batched(compile_views) if self.views.num_local else None
         self._generator: Optional[torch.Generator] = None
         self._device_batches = 0  # view batches made on the device so far (saved for exact resume)
         self._train_loader: Optional[ResumableLoader] = None

@@ -12,7 +12,7 @@ factors shaped (B,); they follow ``torchvision.transforms.v2.functional`` and ar
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,19 @@ def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return torch.where(_per_sample(mask), a, b)
 
 
+class ViewDraws(NamedTuple):
+    """The per-sample parameters of one batch of views (all (B,) unless noted)."""
+
+    boxes: torch.Tensor  # (B, 4) crop boxes in pixels: top, left, height, width
+    flip: torch.Tensor
+    jitter: torch.Tensor
+    factors: torch.Tensor  # (B, 4) uniforms of brightness, contrast, saturation, hue
+    grayscale: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    solarize: torch.Tensor
+
+
 class BatchedViews:
     """One SimCLR view of every image of a uint8 batch, made on the batch's device.
 
@@ -215,8 +228,11 @@ class BatchedViews:
     hue) where torchvision's ``ColorJitter`` draws a random order per call.
     """
 
-    def __init__(self, recipe: SimCLRViews) -> None:
+    def __init__(self, recipe: SimCLRViews, compile: bool = False) -> None:
         self.recipe = recipe
+        self._applies = {name: max(recipe.view_probabilities(name)) > 0 for name in PER_VIEW_FIELDS}
+        self._colour = torch.compile(self.colour, dynamic=False) if compile else self.colour
+        self._finish = torch.compile(self.finish, dynamic=False) if compile else self.finish
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._probabilities: dict[tuple[int, int, torch.device], dict[str, torch.Tensor]] = {}
 
@@ -244,29 +260,58 @@ class BatchedViews:
             images.device
         ).split(_DRAWS, dim=1)
         chance = self._chances(images.shape[0], views, images.device)
-        applies = {name: max(r.view_probabilities(name)) > 0 for name in PER_VIEW_FIELDS}
-        x = images.float().div_(255)
-        flip = u_flip.squeeze(1) < chance["hflip_p"]
-        height, width = x.shape[-2:]
+        height, width = images.shape[-2:]
         if crop:
             boxes = sample_crop_boxes(u_scale, u_ratio, u_pos, height, width, r.scale, r.ratio)
-            x = resized_crop_flip(x, boxes, flip, r.size)
-            boxes = boxes / torch.tensor([height, width, height, width], dtype=boxes.dtype, device=boxes.device)
         else:
-            if applies["hflip_p"]:
-                x = _select(flip, x.flip(-1), x)
-            boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=x.device).expand(x.shape[0], 4)
-        if applies["jitter_p"]:
-            x = _select(u_jitter.squeeze(1) < chance["jitter_p"], self._jitter(x, u_factors), x)
-        if applies["grayscale_p"]:
-            x = _select(u_gray.squeeze(1) < chance["grayscale_p"], rgb_to_grayscale(x).expand_as(x), x)
+            boxes = torch.zeros(images.shape[0], 4, device=images.device)
+            boxes[:, 2:] = r.size  # the whole crop
+        draws = ViewDraws(
+            boxes=boxes,
+            flip=u_flip.squeeze(1) < chance["hflip_p"],
+            jitter=u_jitter.squeeze(1) < chance["jitter_p"],
+            factors=u_factors,
+            grayscale=u_gray.squeeze(1) < chance["grayscale_p"],
+            blur=u_blur.squeeze(1) < chance["blur_p"],
+            sigma=_uniform(u_sigma.squeeze(1), *r.blur_sigma),
+            solarize=u_solarize.squeeze(1) < chance["solarize_p"],
+        )
+        views_made = self.render(images, draws, crop)
+        top, left, box_height, box_width = boxes.float().unbind(1)
+        places = [top / height, left / width, box_height / height, box_width / width, draws.flip.float()]
+        return views_made, torch.stack(places, dim=1)
+
+    def render(self, images: torch.Tensor, draws: ViewDraws, crop: bool) -> torch.Tensor:
+        """The recipe with the parameters ``draws``: uint8 (B, 3, H, W) -> float32 normalized views.
+
+        The elementwise stages (``colour``, ``finish``) are compiled when asked; crop and blur stay eager
+        (``grid_sample`` and the grouped convolution were faster eager than inductor's code on CPU).
+        """
+        r = self.recipe
+        x = images.float().div_(255)
+        if crop:
+            x = resized_crop_flip(x, draws.boxes, draws.flip, r.size)
+        elif self._applies["hflip_p"]:
+            x = _select(draws.flip, x.flip(-1), x)
+        x = self._colour(x, draws)
         if r.blurs:
-            sigma = _uniform(u_sigma.squeeze(1), *r.blur_sigma)
-            x = _select(u_blur.squeeze(1) < chance["blur_p"], gaussian_blur(x, sigma, blur_kernel_size(r.size)), x)
-        if applies["solarize_p"]:
-            x = _select(u_solarize.squeeze(1) < chance["solarize_p"], solarize(x), x)
+            x = _select(draws.blur, gaussian_blur(x, draws.sigma, blur_kernel_size(r.size)), x)
+        return self._finish(x, draws)
+
+    def colour(self, x: torch.Tensor, draws: ViewDraws) -> torch.Tensor:
+        """Colour jitter and grayscale where drawn: about 30 elementwise passes that compile into a few."""
+        if self._applies["jitter_p"]:
+            x = _select(draws.jitter, self._jitter(x, draws.factors), x)
+        if self._applies["grayscale_p"]:
+            x = _select(draws.grayscale, rgb_to_grayscale(x).expand_as(x), x)
+        return x
+
+    def finish(self, x: torch.Tensor, draws: ViewDraws) -> torch.Tensor:
+        """Solarization where drawn, then normalization."""
+        if self._applies["solarize_p"]:
+            x = _select(draws.solarize, solarize(x), x)
         shift, scale = self._normalization(x.device)
-        return torch.addcmul(shift, x, scale), torch.cat([boxes.float(), flip.float().unsqueeze(1)], dim=1)
+        return torch.addcmul(shift, x, scale)
 
     def _chances(self, rows: int, views: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Each row's probability of every per-view op, (rows,) per name, views in blocks; cached, so a

@@ -220,10 +220,11 @@ class SimCLRViews:
         local = [self.local_views().worker_crop()] * self.num_local if self.num_local else []
         return [self.worker_crop()] * self.num_views + local
 
-    def batched(self) -> BatchedViews:
+    def batched(self, compile: bool = False) -> BatchedViews:
         """The same recipe on a whole uint8 batch on its device, parameters drawn per sample (the global
-        views; ``local_views().batched()`` makes the local ones)."""
-        return BatchedViews(self)
+        views; ``local_views().batched()`` makes the local ones); ``compile``: its elementwise stages
+        through ``torch.compile``."""
+        return BatchedViews(self, compile)
 
 
 class CroppedView:
