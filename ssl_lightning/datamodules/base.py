@@ -278,9 +278,7 @@ class SSLDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The evaluation images (or, without labels, the training images) with the evaluation transform."""
         ds = self.val_dataset()
-        if ds is None:
-            ds = TransformedImages(self._train, self._eval_fn())  # type: ignore[arg-type]
-        return self._loader(ds, self.eval_batch_size, shuffle=False, drop_last=False)
+        return self._loader(ds or self.train_images(), self.eval_batch_size, shuffle=False, drop_last=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is None or not self.trainer.training:
@@ -301,6 +299,13 @@ class SSLDataModule(LightningDataModule):
     # ---- evaluation datasets (contract used by the probe and the kNN monitor) -----------------
     def val_dataset(self) -> Optional[Dataset]:
         return None if self._val is None else TransformedImages(self._val, self._eval_fn())
+
+    def train_images(self) -> Dataset:
+        """Every training image with the evaluation transform, ``{"image", "label", "index"}`` in training-set
+        order (DeepCluster-v2's first memory bank); unlike ``train_eval_dataset`` it exists without labels."""
+        if self._train is None:
+            raise RuntimeError(f"{type(self).__name__}.train_images() needs setup() first")
+        return TransformedImages(self._train, self._eval_fn())
 
     def train_eval_dataset(self) -> Optional[Dataset]:
         return None if self._bank is None else TransformedImages(self._bank, self._eval_fn())

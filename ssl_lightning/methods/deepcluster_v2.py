@@ -6,12 +6,11 @@ and every crop learns to predict its image's cluster (cross-entropy of its proto
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from ssl_lightning.distributed import gather_no_grad, gather_variable_length, rank, world_size
 from ssl_lightning.losses.deepcluster import deepcluster_loss
@@ -141,7 +140,7 @@ class DeepClusterV2(SSLMethod):
         """The first bank: every training image embedded once (evaluation transform, eval mode), each rank
         embedding every ``world_size``-th image and all ranks writing every row."""
         datamodule = self.trainer.datamodule
-        loader = datamodule.eval_loader(_training_images(datamodule), rank(), world_size())
+        loader = datamodule.eval_loader(datamodule.train_images(), rank(), world_size())
         was_training = self.training
         self.eval()
         indices, embeddings = [], []
@@ -173,22 +172,3 @@ class DeepClusterV2(SSLMethod):
         self.update_memory_bank(index, torch.stack([crops[c].detach() for c in self.crops_for_assign], dim=1))
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "features": features[0].detach(), "embeddings": crops[0].detach()}
-
-
-class _TransformedWithIndex(Dataset):
-    """``{"image": transform(image), "index"}`` of a source of ``(image, label)``."""
-
-    def __init__(self, source: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self.transform(self.source[index][0]), "index": index}
-
-
-def _training_images(datamodule: Any) -> Dataset:
-    """The training images with the evaluation transform, in training-set order. Until ``SSLDataModule`` offers
-    this dataset itself, it is built from the datamodule's ``_train`` and ``_eval_fn``."""
-    return _TransformedWithIndex(datamodule._train, datamodule._eval_fn())
