@@ -1,7 +1,7 @@
 """``ssl-lightning``: the console entry point.
 
-``fit``/``validate``/``test``/``predict`` go to LightningCLI (``ssl_lightning.cli.lightning_cli``), ``eval`` and
-``export`` to their own commands. Heavy imports happen only once a command is chosen, so ``--help`` answers
+``fit``/``validate``/``test``/``predict`` go to LightningCLI (``ssl_lightning.cli.lightning_cli``), ``eval``,
+``export`` and ``prepare`` to their own commands. Heavy imports happen only once a command is chosen, so ``--help`` answers
 at once. A failing command prints one line naming what is wrong and exits non-zero; ``--debug`` or
 ``SSL_LIGHTNING_DEBUG=1`` shows the traceback instead.
 """
@@ -33,6 +33,10 @@ def run_command(argv: list[str]) -> Any:
         from ssl_lightning.eval.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["prepare"]:
+        from ssl_lightning.cli.prepare import main as prepare_main
+
+        return prepare_main(argv[1:])
     return run_cli(argv)
 
 
@@ -44,9 +48,9 @@ def main(args: Optional[list[str]] = None) -> None:
 
         print(usage())
         return
-    command = argv[0] if argv[0] in ("fit", "validate", "test", "predict", "eval", "export") else None
+    command = argv[0] if argv[0] in ("fit", "validate", "test", "predict", "eval", "export", "prepare") else None
     if command is None:
-        sys.exit(f"ssl-lightning: error: unknown command {argv[0]!r}; use fit, validate, test, predict, eval or export (ssl-lightning --help)")
+        sys.exit(f"ssl-lightning: error: unknown command {argv[0]!r}; use fit, validate, test, predict, eval, export or prepare (ssl-lightning --help)")
     try:
         run_command(argv)
     except SystemExit:

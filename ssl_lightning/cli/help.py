@@ -31,6 +31,7 @@ commands:
   predict    extract the features of a checkpoint (--ckpt_path)
   eval       evaluate a checkpoint: kNN, linear probe, fine-tuning, plots (ssl-lightning eval --help)
   export     write a checkpoint's backbone as a plain torchvision/timm state dict (ssl-lightning export --help)
+  prepare    write an image folder as LitData chunks for StreamingImages (ssl-lightning prepare --help)
 
 methods (--model, or model.class_path in a config):
   {methods}
