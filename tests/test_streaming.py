@@ -3,6 +3,7 @@ training batch contract, resumes mid-epoch exactly on 1 process and on 2 (gloo),
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -15,12 +16,13 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from litdata import StreamingDataset
+from litdata import StreamingDataLoader, StreamingDataset
 from PIL import Image
 
 from ssl_lightning.cli import main
 from ssl_lightning.datamodules import StreamingImages
 from ssl_lightning.datamodules.prepared import prepare_folder
+from ssl_lightning.datamodules.streaming import StreamingLoader
 from ssl_lightning.methods import SimCLR
 from ssl_lightning.optim import OptimConfig
 from ssl_lightning.transforms import SimCLRViews
@@ -82,6 +84,26 @@ def test_datamodule_yields_the_batch_contract_every_item_once_per_epoch_and_labe
             assert [labels[i] for i in batch["index"]] == batch["label"].tolist()
             assert len(batch["views"]) == len(batch["boxes"]) == 2 and batch["views"][0].shape == (4, 3, 16, 16)
     assert [b["index"].tolist() for b in epochs[0]] != [b["index"].tolist() for b in epochs[1]]  # reshuffled
+
+
+def test_a_loaded_position_resumes_one_pass_only_where_litdata_would_replay_it_next_epoch(prepared) -> None:
+    """Lightning ends an epoch at the loader's length without exhausting its iterator; LitData then keeps its resume
+    flag and replays the loaded position in the next pass. ``StreamingLoader`` resumes only the first pass."""
+    def epoch(loader, batches: int | None = None) -> list[list[int]]:
+        return [b["index"].tolist() for b in itertools.islice(iter(loader), batches or len(loader))]
+
+    data = StreamingImages(str(prepared[1]), batch_size=4, num_workers=0, views=SimCLRViews(size=16), seed=0)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    first, second = epoch(loader), epoch(loader)
+    for loader_class, replays in ((StreamingLoader, False), (StreamingDataLoader, True)):
+        interrupted = data.train_dataloader()
+        assert epoch(interrupted, 2) == first[:2]
+        resumed = data.train_dataloader()
+        resumed.__class__ = loader_class  # StreamingDataLoader: LitData's own
+        resumed.load_state_dict(interrupted.state_dict())
+        assert epoch(resumed, len(resumed) - 2) == first[2:]
+        assert epoch(resumed) == (first[2:] if replays else second)
 
 
 class Seen(Callback):

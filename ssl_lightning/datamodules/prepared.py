@@ -7,9 +7,12 @@ seeded random order, and ``ssl_lightning.json`` with the class names (sorted, as
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,11 +54,30 @@ def prepare_folder(
         raise ValueError(f"{len(bad)} unreadable image file(s) under {input_dir}, first: {next(iter(bad.values()))}")
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
     entries = [(str(paths[i]), labels[i], index) for index, i in enumerate(order)]
-    optimize(fn=_item, inputs=entries, output_dir=str(output.resolve()), chunk_bytes=chunk_bytes,
-             num_workers=max(1, num_workers), keep_data_ordered=True, reorder_files=False, verbose=False,
-             start_method="fork")
+    with _private_scratch():
+        optimize(fn=_item, inputs=entries, output_dir=str(output.resolve()), chunk_bytes=chunk_bytes,
+                 num_workers=max(1, num_workers), keep_data_ordered=True, reorder_files=False, verbose=False,
+                 start_method="fork")
     (output / METADATA).write_text(json.dumps({"format": FORMAT, "classes": classes, "num_items": len(entries)}))
     return len(entries)
+
+
+@contextlib.contextmanager
+def _private_scratch() -> Iterator[None]:
+    """Point ``optimize``'s scratch folders at a temporary folder of this call's own: by default it deletes and
+    reuses ``$TMPDIR/chunks`` and ``$TMPDIR/data``, which another ``optimize`` running at the same time shares."""
+    names = ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+    saved = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="ssl_lightning_prepare_") as scratch:
+        os.environ.update({name: os.path.join(scratch, name.lower()) for name in names})
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
 
 def decode_rgb(data: bytes, where: str) -> torch.Tensor:
