@@ -296,7 +296,7 @@ class BatchedViews:
         x = self._colour(x, draws)
         if r.blurs:
             x = _select(draws.blur, gaussian_blur(x, draws.sigma, blur_kernel_size(r.size)), x)
-        return self._finish(x, draws)
+        return self._finish(x, draws, *self._normalization(x.device))
 
     def colour(self, x: torch.Tensor, draws: ViewDraws) -> torch.Tensor:
         """Colour jitter and grayscale where drawn: about 30 elementwise passes that compile into a few."""
@@ -306,11 +306,10 @@ class BatchedViews:
             x = _select(draws.grayscale, rgb_to_grayscale(x).expand_as(x), x)
         return x
 
-    def finish(self, x: torch.Tensor, draws: ViewDraws) -> torch.Tensor:
-        """Solarization where drawn, then normalization."""
+    def finish(self, x: torch.Tensor, draws: ViewDraws, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Solarization where drawn, then normalization (``x * scale + shift``)."""
         if self._applies["solarize_p"]:
             x = _select(draws.solarize, solarize(x), x)
-        shift, scale = self._normalization(x.device)
         return torch.addcmul(shift, x, scale)
 
     def _chances(self, rows: int, views: int, device: torch.device) -> dict[str, torch.Tensor]:
