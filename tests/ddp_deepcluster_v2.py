@@ -22,10 +22,11 @@ ARGS: dict[str, Any] = {"backbone": "cifar_resnet18", "backbone_kwargs": {"base_
 
 
 class RecordingDeepClusterV2(DeepClusterV2):
-    """Keeps a copy of the bank each time it is clustered."""
+    """Keeps a copy of the bank each time it is clustered, and what DDP does not broadcast."""
 
     def cluster_memory_bank(self) -> None:
         self.banks_clustered = [*getattr(self, "banks_clustered", []), self.memory_bank.clone()]
+        self.not_broadcast = sorted(getattr(self.trainer.strategy.model, "parameters_to_ignore", []))
         super().cluster_memory_bank()
 
 
@@ -50,7 +51,8 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     model = fit(devices=2, max_epochs=2)
     saved = {"banks_clustered": model.banks_clustered, "memory_bank": model.memory_bank,
-             "assignments": model.assignments, "prototypes": [head.weight.detach() for head in model.prototypes]}
+             "assignments": model.assignments, "prototypes": [head.weight.detach() for head in model.prototypes],
+             "not_broadcast": model.not_broadcast}
     torch.save(saved, out / f"rank{model.global_rank}.pt")
 
 

@@ -240,8 +240,8 @@ def test_a_short_fit_fills_the_bank_first_and_loads_back(tmp_path: Path) -> None
 
 def test_lightning_ddp_keeps_the_bank_and_the_table_the_same_on_every_rank(tmp_path: Path) -> None:
     """Two DDP processes, two epochs: the first bank (every image once, before the first step) equals one
-    process's; at the end both ranks hold the same bank, assignment table and prototypes, and every row of the bank
-    was rewritten by training (each rank writes the rows of both)."""
+    process's; at the end both ranks hold the same bank, assignment table and prototypes without DDP broadcasting the
+    bank or the table, and every row of the bank was rewritten by training (each rank writes the rows of both)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "log.txt", "w") as log:
@@ -260,4 +260,5 @@ def test_lightning_ddp_keeps_the_bank_and_the_table_the_same_on_every_rank(tmp_p
         for got, want in zip(ranks[1][key], ranks[0][key]):
             assert torch.equal(got, want), key
     assert len(ranks[0]["banks_clustered"]) == 2 and (ranks[0]["assignments"] >= 0).all()
+    assert ranks[0]["not_broadcast"] == ["assignments", "memory_bank"]  # the ranks kept them equal themselves
     assert ((ranks[0]["memory_bank"] - ranks[0]["banks_clustered"][0]).norm(dim=2) > 1e-4).all()
