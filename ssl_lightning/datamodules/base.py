@@ -17,7 +17,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from ssl_lightning.datamodules.encoded import collate_encoded
 from ssl_lightning.transforms import BatchedViews, SimCLRViews, eval_transform
+from ssl_lightning.transforms.decoded_crops import random_resized_crops
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -235,6 +237,15 @@ class SSLDataModule(LightningDataModule):
         """Labeled dataset for evaluation, or None when the data has no labels."""
         return None
 
+    def encoded_train_source(self) -> Optional[Dataset]:
+        """With ``views_on_device``: training items ``{"data", "label", "index"}`` whose ``data`` (a file's bytes,
+        see ``datamodules.encoded``) ``decode_images`` decodes on the device; None (default): decoded in workers."""
+        return None
+
+    def decode_images(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The uint8 (3, H, W) images of a batch of ``encoded_train_source`` items, on the batch's device."""
+        raise NotImplementedError
+
     def bank_source(self) -> Optional[Dataset]:
         """Labeled training images for the kNN bank (defaults to the training source if labeled)."""
         return self._train if self.num_classes is not None else None
@@ -257,15 +268,19 @@ class SSLDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self._train is not None, "call setup() first"
-        if self.views_on_device and self.fixed_size:  # whole uint8 images; every view op on the device
-            dataset: Dataset = TransformedImages(self._train, _unchanged)
+        encoded = self.encoded_train_source() if self.views_on_device else None
+        if encoded is not None:  # file bytes: decoded, cropped and made into views on the device
+            dataset: Dataset = encoded
+        elif self.views_on_device and self.fixed_size:  # whole uint8 images; every view op on the device
+            dataset = TransformedImages(self._train, _unchanged)
         elif self.views_on_device:  # variable sizes: crops in workers, the rest on the device
             dataset = ViewsDataset(self._train, self.views.worker_crops())
         else:
             dataset = ViewsDataset(self._train, self.views.per_sample_views())
         position, self._position = self._position, None
         sampler = EpochShuffleSampler.of_rank(self.trainer, len(dataset), self.seed, position)  # type: ignore[arg-type]
-        self._train_loader = self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, sampler=sampler)
+        self._train_loader = self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, sampler=sampler,
+                                          collate_fn=None if encoded is None else collate_encoded)
         return self._train_loader
 
     def val_dataloader(self) -> Any:
@@ -331,6 +346,8 @@ class SSLDataModule(LightningDataModule):
         Parameters are drawn per sample and per view from the step's generator, in view order.
         """
         generator = self._step_generator(batch["label"].device)
+        if "data" in batch:  # encoded files: decoded here, then cropped here too
+            batch = {**batch, "images": self.decode_images(batch)}
         groups: list[tuple[BatchedViews, int]] = [(self._batched_views, self.views.num_views)]
         if self._batched_local is not None:
             groups.append((self._batched_local, self.views.num_local))
@@ -339,13 +356,18 @@ class SSLDataModule(LightningDataModule):
         for make, count in groups:
             if "image" in batch:  # whole images: crop on the device too
                 made, places = make.with_boxes(batch["image"].repeat(count, 1, 1, 1), generator, True, count)
+            elif "images" in batch:  # decoded images of different sizes: crops, then the rest of the recipe
+                r = make.recipe
+                crops, places = random_resized_crops(batch["images"], generator, r.size, r.scale, r.ratio, count)
+                made, flips = make.with_boxes(crops, generator, False, count)
+                places = torch.cat([places, flips[:, 4:]], 1)
             else:  # crops made in workers (their boxes too): the rest of the recipe on the device (the flips)
                 crops = torch.cat(batch["views"][len(views) : len(views) + count])
                 made, flips = make.with_boxes(crops, generator, False, count)
                 places = torch.cat([torch.cat(batch["boxes"][len(views) : len(views) + count])[:, :4], flips[:, 4:]], 1)
             views += made.chunk(count)
             boxes += places.chunk(count)
-        rest = {key: value for key, value in batch.items() if key not in ("image", "views", "boxes")}
+        rest = {key: value for key, value in batch.items() if key not in ("image", "views", "boxes", "data", "images")}
         return {"views": views, "boxes": boxes, **rest}  # label, index
 
     def _step_generator(self, device: torch.device) -> torch.Generator:
@@ -358,7 +380,8 @@ class SSLDataModule(LightningDataModule):
         return self._generator
 
     def _loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, sampler: Optional[Sampler] = None
+        self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, sampler: Optional[Sampler] = None,
+        collate_fn: Optional[Callable[[list[Any]], Any]] = None,
     ) -> DataLoader:
         if drop_last and len(dataset) < batch_size:  # type: ignore[arg-type]
             raise ValueError(
@@ -370,6 +393,7 @@ class SSLDataModule(LightningDataModule):
             shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
+            collate_fn=collate_fn,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -6,16 +6,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ssl_lightning.datamodules.base import IMAGENET_MEAN, IMAGENET_STD, SSLDataModule
+from ssl_lightning.datamodules.encoded import EncodedFiles, decode_on_device
 from ssl_lightning.distributed import is_distributed, rank, world_size
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -107,6 +108,10 @@ class ImageFolder(SSLDataModule):
             every unreadable file (otherwise a corrupt file is found only when the loader reaches it).
         skip_unreadable: decode every file once in ``setup`` and leave the unreadable ones out, with a warning
             giving how many and which (``skipped_files`` holds them).
+        decode_on_device: (with ``views_on_device``) workers only read the training files; JPEGs are decoded as
+            one batch on the device (nvJPEG on a GPU), then cropped and made into views there. Files the device
+            decoder cannot take (PNG, CMYK or progressive JPEGs) are decoded in the workers instead, and their
+            number per epoch is logged once (``cpu_decodes``: {epoch: count} on this process).
     """
 
     fixed_size = False
@@ -120,8 +125,14 @@ class ImageFolder(SSLDataModule):
         val_dir: str = "val",
         verify_images: bool = False,
         skip_unreadable: bool = False,
+        decode_on_device: bool = False,
         **kwargs,
     ) -> None:
+        if decode_on_device and not kwargs.get("views_on_device", True):
+            raise ValueError("decode_on_device: true needs views_on_device: true (views are made where images are decoded)")
+        self.decode_on_device = decode_on_device
+        self.cpu_decodes: dict[int, int] = {}
+        self._reported: set[int] = set()
         self.root = Path(root)
         self.verify_images, self.skip_unreadable = verify_images, skip_unreadable
         self.skipped_files: Optional[list[Path]] = None  # set once the files are checked
@@ -141,6 +152,33 @@ class ImageFolder(SSLDataModule):
 
     def val_source(self) -> Optional[Dataset]:
         return None if self.val_files is None else ImageFiles(self.val_files, self.val_labels)
+
+    def encoded_train_source(self) -> Optional[Dataset]:
+        return EncodedFiles(self.train_files, self.train_labels) if self.decode_on_device else None
+
+    def decode_images(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        indices = batch["index"].tolist()
+        images, on_cpu = decode_on_device(
+            batch["data"], batch["label"].device, lambda i: f"training item {indices[i]} -> {self.train_files[indices[i]]}"
+        )
+        epoch = 0 if self.trainer is None else self.trainer.current_epoch
+        if epoch not in self.cpu_decodes:
+            self._report_cpu_decodes()  # the previous epoch's
+        self.cpu_decodes[epoch] = self.cpu_decodes.get(epoch, 0) + on_cpu
+        return images
+
+    def teardown(self, stage: str) -> None:
+        self._report_cpu_decodes()
+        super().teardown(stage)
+
+    def _report_cpu_decodes(self) -> None:
+        """Log once how many files the latest epoch decoded on the CPU rather than the device."""
+        if self.cpu_decodes and max(self.cpu_decodes) not in self._reported:
+            epoch = max(self.cpu_decodes)
+            self._reported.add(epoch)
+            if self.cpu_decodes[epoch]:
+                rank_zero_info(f"epoch {epoch}: {self.cpu_decodes[epoch]} training image file(s) were decoded on the CPU, "
+                               "not the device (PNG, CMYK or progressive JPEGs, or JPEGs the device decoder refused)")
 
     def setup(self, stage: str) -> None:
         if (self.verify_images or self.skip_unreadable) and self.skipped_files is None:

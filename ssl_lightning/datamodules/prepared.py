@@ -8,7 +8,6 @@ seeded random order, and ``ssl_lightning.json`` with the class names (sorted, as
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import tempfile
@@ -19,8 +18,6 @@ from typing import Any, Optional
 import torch
 from litdata import StreamingDataset, optimize
 from litdata.streaming.downloader import get_downloader
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ssl_lightning.datamodules.image_folder import scan_folder, unreadable_files
 
@@ -78,15 +75,6 @@ def _private_scratch() -> Iterator[None]:
                     del os.environ[name]
                 else:
                     os.environ[name] = value
-
-
-def decode_rgb(data: bytes, where: str) -> torch.Tensor:
-    """An encoded image (any format PIL reads) as a uint8 (3, H, W) tensor; errors name ``where``."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"{where}: cannot be read as an image ({err})") from err
 
 
 def is_url(location: str) -> bool:

@@ -23,7 +23,8 @@ from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import Dataset
 
 from ssl_lightning.datamodules.base import IMAGENET_MEAN, IMAGENET_STD, SSLDataModule
-from ssl_lightning.datamodules.prepared import decode_rgb, read_prepared
+from ssl_lightning.datamodules.encoded import decode_rgb
+from ssl_lightning.datamodules.prepared import read_prepared
 
 
 class PreparedImages(Dataset):

@@ -49,8 +49,8 @@ def sample_crop_boxes(
     u_scale: torch.Tensor,
     u_log_ratio: torch.Tensor,
     u_position: torch.Tensor,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> torch.Tensor:
@@ -59,8 +59,12 @@ def sample_crop_boxes(
     ``u_scale`` and ``u_log_ratio`` hold (B, attempts) uniforms in [0, 1): the area fraction is uniform
     in ``scale`` and the aspect ratio log-uniform in ``ratio``; the first attempt that fits the image
     wins, and a sample without one falls back to the central crop clamped to ``ratio``. ``u_position``
-    (B, 2) places the box. Returns (B, 4) integer-valued float boxes ``(top, left, height, width)``.
+    (B, 2) places the box. ``height`` and ``width`` are the image's, or each sample's as (B,) tensors
+    (images of different sizes). Returns (B, 4) integer-valued float boxes ``(top, left, height, width)``.
     """
+    per_sample = isinstance(height, torch.Tensor)
+    if per_sample:
+        height, width = height.to(u_scale).view(-1, 1), width.to(u_scale).view(-1, 1)  # type: ignore[union-attr]
     area = height * width
     target_area = area * _uniform(u_scale, *scale)
     aspect = torch.exp(_uniform(u_log_ratio, math.log(ratio[0]), math.log(ratio[1])))
@@ -69,24 +73,34 @@ def sample_crop_boxes(
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt
     found = fits.any(dim=1)
+    if per_sample:
+        height, width = height.view(-1), width.view(-1)  # type: ignore[union-attr]
     fallback_h, fallback_w = _central_crop_size(height, width, ratio)
-    h = torch.where(found, h.gather(1, first).squeeze(1), float(fallback_h))
-    w = torch.where(found, w.gather(1, first).squeeze(1), float(fallback_w))
+    h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
     top = torch.minimum(torch.floor(u_position[:, 0] * (height - h + 1)), height - h)
     left = torch.minimum(torch.floor(u_position[:, 1] * (width - w + 1)), width - w)
-    top = torch.where(found, top, float((height - fallback_h) // 2))
-    left = torch.where(found, left, float((width - fallback_w) // 2))
+    top = torch.where(found, top, (height - fallback_h) // 2)
+    left = torch.where(found, left, (width - fallback_w) // 2)
     return torch.stack([top, left, h, w], dim=1)
 
 
-def _central_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """torchvision's fallback: the whole image, cut to the nearest aspect ratio allowed."""
+def _central_crop_size(
+    height: int | torch.Tensor, width: int | torch.Tensor, ratio: tuple[float, float]
+) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """torchvision's fallback: the whole image, cut to the nearest aspect ratio allowed (per sample for tensors,
+    in float64 as torchvision's Python arithmetic)."""
+    if isinstance(height, torch.Tensor) and isinstance(width, torch.Tensor):
+        in_ratio = width.double() / height.double()
+        h = torch.where(in_ratio < min(ratio), torch.round(width.double() / min(ratio)).to(height), height)
+        w = torch.where(in_ratio > max(ratio), torch.round(height.double() * max(ratio)).to(width), width)
+        return h, w
     in_ratio = width / height
     if in_ratio < min(ratio):
-        return int(round(width / min(ratio))), width
+        return float(round(width / min(ratio))), float(width)
     if in_ratio > max(ratio):
-        return height, int(round(height * max(ratio)))
-    return height, width
+        return float(height), float(round(height * max(ratio)))
+    return float(height), float(width)
 
 
 def resized_crop_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
