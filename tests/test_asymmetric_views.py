@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from ssl_lightning.datamodules.base import SSLDataModule, TensorImages
 from ssl_lightning.transforms import SimCLRViews
 from ssl_lightning.transforms.batched import solarize
+from tests.view_data import VIEW_PATHS, RepeatedImage
 
 N, SIZE = 600, 32
 PER_VIEW = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
@@ -26,20 +25,11 @@ def checkerboard() -> torch.Tensor:
     return (150 + 100 * board).to(torch.uint8).expand(3, SIZE, SIZE).contiguous()
 
 
-class Checkerboards(SSLDataModule):
-    def __init__(self, fixed_size: bool, **kwargs) -> None:
-        self.fixed_size = fixed_size
-        super().__init__(**kwargs)
 
-    def train_source(self) -> Dataset:
-        return TensorImages(checkerboard().expand(N, -1, -1, -1).contiguous(), torch.full((N,), -1))
-
-
-@pytest.mark.parametrize(
-    "fixed_size, on_device", [(True, False), (True, True), (False, True)], ids=["workers", "device", "worker_crops"]
-)
+@pytest.mark.parametrize(**VIEW_PATHS)
 def test_each_view_is_blurred_and_solarized_at_its_own_rate(fixed_size: bool, on_device: bool) -> None:
-    dm = Checkerboards(fixed_size, batch_size=N, num_workers=0, views=BYOL_LIKE, views_on_device=on_device)
+    dm = RepeatedImage(checkerboard(), N, fixed_size, batch_size=N, num_workers=0, views=BYOL_LIKE,
+                       views_on_device=on_device)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     views = dm._device_views(batch)["views"] if on_device else batch["views"]

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from ssl_lightning.datamodules.base import SSLDataModule, TensorImages
 from ssl_lightning.transforms import SimCLRViews
+from tests.view_data import VIEW_PATHS, RepeatedImage
 
 N, HEIGHT, WIDTH, SIZE, STEP = 32, 48, 64, 16, 4  # STEP: ramp value per source pixel
 CROPS_AND_FLIPS = SimCLRViews(
@@ -26,14 +25,6 @@ def ramp() -> torch.Tensor:
     return torch.stack([columns, rows, torch.zeros_like(columns)]).to(torch.uint8)
 
 
-class Ramps(SSLDataModule):
-    def __init__(self, fixed_size: bool, **kwargs) -> None:
-        self.fixed_size = fixed_size
-        super().__init__(**kwargs)
-
-    def train_source(self) -> Dataset:
-        return TensorImages(ramp().expand(N, -1, -1, -1).contiguous(), torch.full((N,), -1))
-
 
 def expected_ramp(boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ramp values at each output pixel's centre that the boxes predict: (B, size) columns, rows."""
@@ -45,11 +36,10 @@ def expected_ramp(boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.T
     return STEP * (x - 0.5), STEP * (y - 0.5)
 
 
-@pytest.mark.parametrize(
-    "fixed_size, on_device", [(True, False), (True, True), (False, True)], ids=["workers", "device", "worker_crops"]
-)
+@pytest.mark.parametrize(**VIEW_PATHS)
 def test_boxes_say_where_every_view_came_from(fixed_size: bool, on_device: bool) -> None:
-    dm = Ramps(fixed_size, batch_size=N, num_workers=0, views=CROPS_AND_FLIPS, views_on_device=on_device)
+    dm = RepeatedImage(ramp(), N, fixed_size, batch_size=N, num_workers=0, views=CROPS_AND_FLIPS,
+                       views_on_device=on_device)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     if on_device:

@@ -82,6 +82,12 @@ class SSLMethod(LightningModule):
                              f"data.init_args.views.num_views: {num_views} and num_local: 0, got "
                              f"{views.num_views} and {views.num_local}")
 
+    def require_feature_map(self) -> None:
+        """When built: one line unless the backbone has a spatial feature map (methods on feature-map cells)."""
+        if not hasattr(self.backbone, "feature_map"):
+            raise ValueError(f"{type(self).__name__} needs a backbone with a spatial feature map (feature_map), e.g. "
+                             f"resnet50, cifar_resnet18 or convnext_tiny; got {type(self.backbone).__name__}")
+
     def two_views(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of a two-view method's batch; a clear error for any other recipe (e.g. multi-crop)."""
         views = batch["views"]

@@ -30,9 +30,7 @@ class DenseCL(MoCoV2):
 
     def __init__(self, dense_hidden_dim: int = 2048, dense_weight: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not hasattr(self.backbone, "feature_map"):
-            raise ValueError(f"DenseCL needs a backbone with a spatial feature map (feature_map), e.g. resnet50, "
-                             f"cifar_resnet18 or convnext_tiny; got {type(self.backbone).__name__}")
+        self.require_feature_map()
         if not 0.0 <= dense_weight <= 1.0:
             raise ValueError(f"dense_weight must lie in [0, 1], got {dense_weight}")
         self.dense_weight = dense_weight

@@ -47,9 +47,7 @@ class VICRegL(SSLMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not hasattr(self.backbone, "feature_map"):
-            raise ValueError(f"VICRegL needs a backbone with a spatial feature map (feature_map), e.g. resnet50, "
-                             f"cifar_resnet18 or convnext_tiny; got {type(self.backbone).__name__}")
+        self.require_feature_map()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.criterion = {"alpha": alpha, "location_matches": tuple(location_matches),
