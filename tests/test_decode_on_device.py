@@ -5,6 +5,7 @@ device decoder cannot take are decoded in workers and counted; a file no decoder
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -158,15 +159,17 @@ def test_decode_on_device_needs_views_on_device(tmp_path: Path) -> None:
         ImageFolder(str(jpeg_folder(tmp_path)), views_on_device=False, decode_on_device=True)
 
 
-def test_fit_with_decode_on_device(tmp_path: Path) -> None:
+def test_fit_with_decode_on_device(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     jpeg_folder(tmp_path)
     smooth_image(10, 30, 40).save(tmp_path / "train" / "cat" / "plain.png")
     views = SimCLRViews(size=16, blur_p=0.0)
     dm = ImageFolder(str(tmp_path), batch_size=3, num_workers=0, views=views, decode_on_device=True)
     trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(tiny_method(SimSiam), datamodule=dm)
-    assert trainer.global_step == 3 and sum(dm.cpu_decodes.values()) <= 1
+    with caplog.at_level(logging.INFO):
+        trainer.fit(tiny_method(SimSiam), datamodule=dm)
+    assert trainer.global_step == 3 and dm.cpu_decodes == {0: 1}  # 3 batches of 3: the whole epoch, the PNG once
+    assert "epoch 0: 1 training image file(s) were decoded on the CPU, not the device" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decoder (nvJPEG) needs a GPU")
