@@ -50,13 +50,24 @@ def measure(kind: str, location: str, workers: int, batch_size: int) -> dict[str
     data.setup("fit")
     batches = iter(data.train_dataloader())
     next(batches)
-    start, images = time.perf_counter(), 0
+    start, images, anonymous = time.perf_counter(), 0, anonymous_mib()
     for batch in batches:
         images += batch["label"].shape[0]
+        anonymous = max(anonymous, anonymous_mib())
     seconds = time.perf_counter() - start
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"images_per_s": images / seconds, "images": images, "rss_mib": own, "worker_rss_mib": worker}
+    return {"images_per_s": images / seconds, "images": images, "rss_mib": own, "worker_rss_mib": worker,
+            "anonymous_mib": anonymous}
+
+
+def anonymous_mib() -> float:
+    """This process's resident anonymous memory (``RssAnon``): RSS without file pages, such as the chunk files
+    LitData memory-maps in place, which the kernel can drop at any time."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def in_fresh_process(kind: str, location: str, workers: int, batch_size: int) -> dict[str, float]:
@@ -89,11 +100,13 @@ def main() -> None:
     for kind, result in speed.items():
         print(f"  {kind:9s} {result['images_per_s'] / max(1, ns.workers):8.1f} images/s per worker ({ns.workers} workers)")
     print(f"  streaming / folder: {speed['streaming']['images_per_s'] / speed['folder']['images_per_s']:.2f}x")
-    print("peak resident memory (MiB) of the loading process, one epoch, no workers:")
+    print("peak resident memory (MiB) of the loading process, one epoch, no workers: all (anonymous, i.e. without "
+          "memory-mapped files)")
     for kind, where in locations.items():
-        small, large = (in_fresh_process(kind, where(name), 0, ns.batch_size)["rss_mib"] for name in sizes)
-        print(f"  {kind:9s} {sizes['small']:7d} images: {small:7.0f}   {sizes['large']:7d} images: {large:7.0f}   "
-              f"growth {large - small:+.0f}")
+        small, large = (in_fresh_process(kind, where(name), 0, ns.batch_size) for name in sizes)
+        print(f"  {kind:9s} {sizes['small']:7d} images: {small['rss_mib']:6.0f} ({small['anonymous_mib']:4.0f})   "
+              f"{sizes['large']:7d} images: {large['rss_mib']:6.0f} ({large['anonymous_mib']:4.0f})   growth "
+              f"{large['rss_mib'] - small['rss_mib']:+.0f} ({large['anonymous_mib'] - small['anonymous_mib']:+.0f})")
 
 
 if __name__ == "__main__":
