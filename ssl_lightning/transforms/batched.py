@@ -245,6 +245,7 @@ class BatchedViews:
     def __init__(self, recipe: SimCLRViews, compile: bool = False) -> None:
         self.recipe = recipe
         self._applies = {name: max(recipe.view_probabilities(name)) > 0 for name in PER_VIEW_FIELDS}
+        self._blurs = recipe.blurs  # read once: the property rebuilds each view's recipe
         self._colour = torch.compile(self.colour, dynamic=False) if compile else self.colour
         self._finish = torch.compile(self.finish, dynamic=False) if compile else self.finish
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -308,7 +309,7 @@ class BatchedViews:
         elif self._applies["hflip_p"]:
             x = _select(draws.flip, x.flip(-1), x)
         x = self._colour(x, draws)
-        if r.blurs:
+        if self._blurs:
             x = _select(draws.blur, gaussian_blur(x, draws.sigma, blur_kernel_size(r.size)), x)
         return self._finish(x, draws, *self._normalization(x.device))
 
