@@ -11,12 +11,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ssl_lightning.datamodules.base import IMAGENET_MEAN, IMAGENET_STD, SSLDataModule
-from ssl_lightning.datamodules.encoded import EncodedFiles, decode_on_device
+from ssl_lightning.datamodules.encoded import EncodedFiles, decode_on_device, decode_rgb
 from ssl_lightning.distributed import is_distributed, rank, world_size
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -60,10 +58,10 @@ def scan_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
 def load_rgb(path: Path) -> torch.Tensor:
     """Decode an image file to a uint8 (3, H, W) tensor; errors name the file."""
     try:
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        data = path.read_bytes()
+    except OSError as err:
         raise ValueError(f"{path}: cannot be read as an image ({err})") from err
+    return decode_rgb(data, str(path))
 
 
 def unreadable_files(paths: Sequence[Path], threads: int = 1) -> dict[Path, str]:
