@@ -86,5 +86,7 @@ def test_unlabelled_data_fails_with_one_line() -> None:
     with pytest.raises(ValueError, match="SupCon needs labelled images: data SimpleNamespace has no labels") as error:
         model.setup("fit")
     assert "\n" not in str(error.value)
-    with pytest.raises(ValueError, match="unlabelled images"):
-        supcon_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, -1]))
+    model._trainer = SimpleNamespace(training=True)
+    with pytest.raises(ValueError, match="unlabelled images"):  # on the host, before the batch moves
+        model.on_before_batch_transfer({"label": torch.tensor([0, -1])}, 0)
+    model.on_before_batch_transfer({"label": torch.tensor([0, 1])}, 0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssl_lightning.backbones import build_backbone, check_divisible, require_vit
-from ssl_lightning.nn.masking import kept_indices, masked_indices, random_mask, step_generator
+from ssl_lightning.nn.masking import kept_indices, masked_count, masked_indices, random_mask, step_generator
 
 VIT = {"image_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -77,6 +77,9 @@ def test_random_mask_counts_and_indices_match_a_loop() -> None:
     for image in range(5):
         assert kept_indices(mask)[image].tolist() == [p for p in range(20) if not mask[image, p]]
         assert masked_indices(mask)[image].tolist() == [p for p in range(20) if mask[image, p]]
+    assert masked_count(20, 0.3) == 6  # the count a caller passes to skip the check and its host read
+    assert torch.equal(kept_indices(mask, 20 - masked_count(20, 0.3)), kept_indices(mask))
+    assert torch.equal(masked_indices(mask, masked_count(20, 0.3)), masked_indices(mask))
     again = random_mask(5, 20, 0.3, step_generator(torch.device("cpu"), 3, 0, 7), torch.device("cpu"))
     assert torch.equal(mask, again)
     other_rank = random_mask(5, 20, 0.3, step_generator(torch.device("cpu"), 3, 1, 7), torch.device("cpu"))

@@ -6,11 +6,10 @@ import copy
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 
 from ssl_lightning.backbones import build_backbone
-from ssl_lightning.callbacks.nonfinite import record_train_value
+from ssl_lightning.methods.training_log import TrainingLog
 from ssl_lightning.optim import (
     OptimConfig,
     build_optimizer,
@@ -23,7 +22,7 @@ from ssl_lightning.optim import (
 from ssl_lightning.sharding import apply_activation_checkpointing, data_parallel_mesh, shard, transformer_blocks
 
 
-class SSLMethod(LightningModule):
+class SSLMethod(TrainingLog):
     """Base class of the methods. A subclass builds its heads and implements ``training_step``.
 
     Args:
@@ -130,11 +129,6 @@ class SSLMethod(LightningModule):
         if module is self.backbone and self.hparams.get("compile_backbone"):
             target.compile()  # deepcopy drops the compiled forward
         return target
-
-    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        """``LightningModule.log``; a ``train/`` tensor is also kept for ``NonFiniteGuard`` to name the term at fault."""
-        record_train_value(self, name, value)
-        super().log(name, value, *args, **kwargs)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"features": self(batch["image"]).detach()}

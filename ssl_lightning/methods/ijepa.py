@@ -119,8 +119,11 @@ class IJEPA(SSLMethod):
         self.schedule_weight_decay(self.final_weight_decay)
 
     def sample_masks(self, images: torch.Tensor, generator: torch.Generator) -> MultiBlockMasks:
-        """Context and target blocks for every image of the batch (the same counts in every image)."""
-        return multiblock_masks(images.shape[0], self.backbone.grid_size(images), generator, **self.mask_settings)
+        """Context and target blocks for every image of the batch (the same counts in every image), drawn from
+        ``generator`` (on the CPU in training: a few small tensors and host reads, which on a GPU would each wait
+        for the device) and moved to the images' device."""
+        masks = multiblock_masks(images.shape[0], self.backbone.grid_size(images), generator, **self.mask_settings)
+        return masks.to(images.device)
 
     def encode_context(self, images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The context encoder's outputs (B, prefix + n, D) on the context patches ``context`` (B, n) only (and any
@@ -141,7 +144,7 @@ class IJEPA(SSLMethod):
                              f"{[tuple(v.shape) for v in views]}")
         images = torch.cat(views)  # several views are treated as more images
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches
-        generator = step_generator(images.device, self.mask_seed, self.global_rank, self.trainer.global_step, micro_batch)
+        generator = step_generator(torch.device("cpu"), self.mask_seed, self.global_rank, self.trainer.global_step, micro_batch)
         masks = self.sample_masks(images, generator)
         context = self.encode_context(images, masks.context)
         predictions = self.predictor(

@@ -12,17 +12,16 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ssl_lightning.callbacks.nonfinite import record_train_value
+from ssl_lightning.methods.training_log import TrainingLog
 from ssl_lightning.optim import OptimConfig, build_optimizer, warmup_cosine, warmup_cosine_steps
 
 IGNORE_INDEX = -100  # label of positions without a prediction (F.cross_entropy's ignore_index)
 
 
-class MaskedLanguageModel(LightningModule):
+class MaskedLanguageModel(TrainingLog):
     """A BERT-style encoder: token + learned position embeddings followed by a LayerNorm (as BERT's
     embeddings: at init std 0.02 the token signal would otherwise be tiny next to the blocks' outputs),
     pre-norm ``nn.TransformerEncoder`` (Xiong et al. 2020) with a final LayerNorm, and BERT's MLM head
@@ -131,11 +130,6 @@ class MaskedLanguageModel(LightningModule):
         loss = F.cross_entropy(logits, targets)
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        """``LightningModule.log``; a ``train/`` tensor is also kept for ``NonFiniteGuard`` to name the term at fault."""
-        record_train_value(self, name, value)
-        super().log(name, value, *args, **kwargs)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits, targets = self._predictions(batch)

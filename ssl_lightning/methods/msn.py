@@ -20,7 +20,7 @@ from ssl_lightning.backbones import check_divisible, require_vit
 from ssl_lightning.callbacks.momentum import MomentumUpdate
 from ssl_lightning.losses.msn import msn_loss, power_law_prior
 from ssl_lightning.methods.base import SSLMethod
-from ssl_lightning.nn.masking import default_mask_seed, kept_indices, random_mask, step_generator
+from ssl_lightning.nn.masking import default_mask_seed, kept_indices, masked_count, random_mask, step_generator
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -151,9 +151,10 @@ class MSN(SSLMethod):
         """The student's pooled feature (B, D) of ``images`` with ``mask_ratio`` of each image's patches dropped
         before the blocks, and the mask (B, N), True on dropped patches."""
         tokens = self.backbone.embed(self.to_memory_format(images))
-        mask = random_mask(images.shape[0], tokens.shape[1] - self.backbone.num_prefix_tokens, self.mask_ratio,
-                           generator, images.device)
-        return self.backbone.pool(self.backbone.encode(self.backbone.keep_patches(tokens, kept_indices(mask)))), mask
+        num_patches = tokens.shape[1] - self.backbone.num_prefix_tokens
+        mask = random_mask(images.shape[0], num_patches, self.mask_ratio, generator, images.device)
+        kept = kept_indices(mask, num_patches - masked_count(num_patches, self.mask_ratio))
+        return self.backbone.pool(self.backbone.encode(self.backbone.keep_patches(tokens, kept))), mask
 
     @torch.no_grad()
     def target(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ssl_lightning.losses.supcon import supcon_loss
+from ssl_lightning.losses.supcon import check_labelled, supcon_loss
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import MLPHead
 
@@ -31,6 +31,12 @@ class SupCon(SSLMethod):
         if datamodule is not None and getattr(datamodule, "num_classes", None) is None:
             raise ValueError(f"SupCon needs labelled images: data {type(datamodule).__name__} has no labels "
                              f"(num_classes is None); use labelled data, e.g. an ImageFolder with class folders")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Every training image has a label: checked here, on the host, before the batch reaches the device."""
+        if self._trainer is not None and self._trainer.training:
+            check_labelled(batch["label"])
+        return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         view1, view2 = self.two_views(batch)

@@ -3,7 +3,7 @@ explicit generator (each step's generator seeded from (seed, rank, step), so ran
 draws the same masks)."""
 
 from ssl_lightning.nn.masking.generator import default_mask_seed, step_generator
-from ssl_lightning.nn.masking.random import kept_indices, masked_indices, random_mask
+from ssl_lightning.nn.masking.random import kept_indices, masked_count, masked_indices, random_mask
 from ssl_lightning.nn.masking.blockwise import PatchMasks, block_masks, blockwise_mask, mask_ratios
 from ssl_lightning.nn.masking.stratified import stratified_mask_ratios
 from ssl_lightning.nn.masking.multiblock import MultiBlockMasks, multiblock_masks
@@ -15,6 +15,7 @@ __all__ = [
     "step_generator",
     "random_mask",
     "kept_indices",
+    "masked_count",
     "masked_indices",
     "PatchMasks",
     "block_masks",

@@ -22,7 +22,7 @@ Where this differs from the reference collator, on purpose:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +45,12 @@ class MultiBlockMasks:
     target_size: tuple[int, int]
     context_size: tuple[int, int]
     full_context: torch.Tensor
+
+    def to(self, device: torch.device) -> MultiBlockMasks:
+        """The same masks with their tensors on ``device`` (copied without waiting, from a CPU draw)."""
+        return replace(self, context=self.context.to(device, non_blocking=True),
+                       targets=self.targets.to(device, non_blocking=True),
+                       full_context=self.full_context.to(device, non_blocking=True))
 
 
 def check_range(values: tuple[float, float], setting: str, upper: float | None = 1.0) -> None:
