@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,6 +99,21 @@ def test_simclr_is_nt_xent_between_the_two_views_projections() -> None:
     model = _build(SimCLR, temperature=0.3)
     _assert_wiring(model, reference)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # every layer trained
+
+
+def test_simclr_with_separate_view_batch_norm_runs_each_view_alone() -> None:
+    """``view_batch_norm: separate``: one backbone and projector call per view, each with its own BatchNorm
+    statistics (lightly's and solo-learn's SimCLR); not the joined batch's loss."""
+
+    def reference(model: SimCLR, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        z1, z2 = model.projector(model.backbone(v1)), model.projector(model.backbone(v2))
+        return nt_xent_loss(z1, z2, temperature=0.3)
+
+    out = _assert_wiring(_build(SimCLR, temperature=0.3, view_batch_norm="separate"), reference)
+    joined, _ = run_training_step(_build(SimCLR, temperature=0.3), fixed_views(8, 16, num_views=2, seed=0))
+    assert not torch.allclose(out["loss"], joined["loss"])  # the statistics differ, so do the losses
+    with pytest.raises(ValueError, match="view_batch_norm must be 'joined' or 'separate', got 'both'"):
+        _build(SimCLR, view_batch_norm="both")
 
 
 def test_moco_v2_queries_of_view1_against_normalized_momentum_keys_of_view2_and_the_queue() -> None:

@@ -16,16 +16,18 @@ from ssl_lightning.methods import BYOL, MoCoV2, SimCLR
 from ssl_lightning.optim import OptimConfig, build_optimizer
 
 TOTAL_STEPS = 1000  # for BYOL's momentum schedule
-RECIPES: dict[str, tuple[type, OptimConfig]] = {
-    "simclr": (SimCLR, OptimConfig(name="lars", lr=0.3, weight_decay=1e-6)),
-    "byol": (BYOL, OptimConfig(name="lars", lr=0.2, weight_decay=1.5e-6)),
-    "moco_v2": (MoCoV2, OptimConfig(name="sgd", lr=0.03, weight_decay=1e-4)),
+SIMCLR_OPTIM = OptimConfig(name="lars", lr=0.3, weight_decay=1e-6)
+RECIPES: dict[str, tuple[type, OptimConfig, dict[str, Any]]] = {
+    "simclr": (SimCLR, SIMCLR_OPTIM, {}),
+    "simclr_separate": (SimCLR, SIMCLR_OPTIM, {"view_batch_norm": "separate"}),  # one backbone call per view
+    "byol": (BYOL, OptimConfig(name="lars", lr=0.2, weight_decay=1.5e-6), {}),
+    "moco_v2": (MoCoV2, OptimConfig(name="sgd", lr=0.03, weight_decay=1e-4), {}),
 }
 
 
 def build_step(method: str, width: int, batch: int, device: torch.device) -> tuple[LossFn, UpdateFn]:
-    cls, optim = RECIPES[method]
-    model = cls(backbone="cifar_resnet18", backbone_kwargs={"base_width": width}, optim=optim).to(device).train()
+    cls, optim, options = RECIPES[method]
+    model = cls(backbone="cifar_resnet18", backbone_kwargs={"base_width": width}, optim=optim, **options).to(device).train()
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer: logging is off here
     optimizer = build_optimizer(optim, model.optimized_modules(), batch)
     pairs = [pair for callback in model.configure_callbacks() if isinstance(callback, MomentumUpdate)
