@@ -60,3 +60,27 @@ def test_lr_scaling_and_optimizer_choice() -> None:
     assert sgd.param_groups[0]["lr"] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="'adam'"):
         build_optimizer(OptimConfig(name="adam"), [model], 256)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_sgd_and_adamw_update_as_the_per_tensor_loop(name: str) -> None:
+    """``build_optimizer`` picks torch's fused kernels on the CPU; over steps they give the weights of torch's
+    per-tensor loop (``foreach=False``) with the same groups (weight decay off on biases and norms)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.BatchNorm1d(4), nn.Linear(4, 3))  # every gradient non-zero
+    reference = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    reference.load_state_dict(model.state_dict())
+    config = OptimConfig(name=name, lr=0.1, weight_decay=0.05)
+    fused = build_optimizer(config, [model], 256)
+    assert fused.defaults["fused"] and len(fused.param_groups) == 2
+    loop_cls = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
+    options = {"betas": config.betas} if name == "adamw" else {"momentum": config.momentum}
+    loop = loop_cls(param_groups([reference], config.weight_decay), lr=0.1, foreach=False, **options)
+    for _ in range(4):
+        inputs = torch.randn(8, 5)
+        for network, optimizer in ((model, fused), (reference, loop)):
+            optimizer.zero_grad()
+            network(inputs).pow(2).mean().backward()
+            optimizer.step()
+    for (name_, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name_} differs from the per-tensor loop")
