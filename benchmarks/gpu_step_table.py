@@ -1,6 +1,6 @@
 """The training step near the hardware (issue 13, item 1): SimCLR, BYOL and MoCo v2 on a CIFAR ResNet-18
-(width 64), batch 512, device views, through Lightning's ``fit``, eager and compiled (``compile_backbone`` +
-``compile_views``), with images/s and the model-FLOPs utilisation (FLOPs of one step counted by
+(width 64), batch 512, device views, through Lightning's ``fit``: eager, ``backbone`` (``compile_backbone`` +
+``compile_views``) and ``step`` (``compile_step``: backbone, heads and loss in one graph, + ``compile_views``), with images/s and the model-FLOPs utilisation (FLOPs of one step counted by
 ``torch.utils.flop_counter`` / measured step time / the device's dense peak).
 
     PYTHONPATH=. python benchmarks/gpu_step_table.py                      # one GPU (H200 peak: 989 TFLOP/s bf16)
@@ -52,16 +52,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(name: str, width: int, compiled: bool) -> SSLMethod:
+VARIANTS = ("eager", "backbone", "step")  # what is compiled (the device views too, unless eager)
+
+
+def build(name: str, width: int, variant: str) -> SSLMethod:
     seed_everything(0, verbose=False)
     cls, heads = METHODS[name]
-    return cls(backbone="cifar_resnet18", backbone_kwargs={"base_width": width}, compile_backbone=compiled,
-               optim=OptimConfig(name="lars", lr=1.0, warmup_epochs=1), **heads)
+    return cls(backbone="cifar_resnet18", backbone_kwargs={"base_width": width}, compile_backbone=variant == "backbone",
+               compile_step=variant == "step", optim=OptimConfig(name="lars", lr=1.0, warmup_epochs=1), **heads)
 
 
 def flops_per_image(name: str, width: int, batch: int, device: str) -> float:
     """Forward + backward FLOPs of one training step (both views, every network), per image."""
-    model = build(name, width, compiled=False).to(device)
+    model = build(name, width, "eager").to(device)
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # outside a Trainer
     views = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(2)]
     with FlopCounterMode(display=False) as counter:
@@ -69,13 +72,13 @@ def flops_per_image(name: str, width: int, batch: int, device: str) -> float:
     return counter.get_total_flops() / batch
 
 
-def images_per_second(name: str, args: argparse.Namespace, compiled: bool) -> float:
+def images_per_second(name: str, args: argparse.Namespace, variant: str) -> float:
     timer = StepTimer(args.warmup)
     trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
-    data = BundledCIFAR10(batch_size=args.batch, num_workers=2, compile_views=compiled)
-    trainer.fit(build(name, args.width, compiled), data)
+    data = BundledCIFAR10(batch_size=args.batch, num_workers=2, compile_views=variant != "eager")
+    trainer.fit(build(name, args.width, variant), data)
     return timer.per_second(trainer.strategy.root_device)
 
 
@@ -88,6 +91,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation included)")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the device (H200 bf16: 989)")
     args = parser.parse_args()
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
@@ -96,10 +100,9 @@ def main() -> None:
     print("method  | variant  | img/s      | GFLOP/img | MFU")
     for method in args.methods:
         flops = flops_per_image(method, args.width, args.batch, args.device)
-        for compiled in (False, True):
-            speed = images_per_second(method, args, compiled)
+        for variant in args.variants:
+            speed = images_per_second(method, args, variant)
             mfu = speed * flops / (args.peak_tflops * 1e12)
-            variant = "compiled" if compiled else "eager"
             print(f"{method:7s} | {variant:8s} | {speed:10,.0f} | {flops / 1e9:9.2f} | {100 * mfu:5.1f}%")
 
 

@@ -32,6 +32,9 @@ class SSLMethod(TrainingLog):
         channels_last: run the backbone in channels-last memory format; None (default): on for convolutional
             backbones (ResNets, ConvNeXts: faster on CPUs and tensor cores), off for ViTs.
         compile_backbone: ``torch.compile`` the backbone (keeps state-dict keys).
+        compile_step: ``torch.compile`` the whole ``training_step``: backbone, heads, targets and loss in one graph,
+            and their backward; Lightning's logging stays outside it (a graph break). Keeps state-dict keys; not
+            with ``compile_backbone`` (it already compiles the backbone) or FSDP2 sharding.
         activation_checkpointing: recompute each transformer block's activations in the backward instead of
             keeping them (``ssl_lightning.sharding``; ViTs; with or without sharding).
     """
@@ -44,6 +47,7 @@ class SSLMethod(TrainingLog):
         channels_last: Optional[bool] = None,
         compile_backbone: bool = False,
         activation_checkpointing: bool = False,
+        compile_step: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -52,8 +56,13 @@ class SSLMethod(TrainingLog):
         self.channels_last = _is_convolutional(self.backbone) if channels_last is None else channels_last
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if compile_backbone and compile_step:
+            raise ValueError("compile_step: true already compiles the backbone with the rest of the step; "
+                             "set compile_backbone: false")
         if compile_backbone:
             self.backbone.compile()
+        if compile_step:  # the subclass's step, compiled at its first call (after the subclass built its heads)
+            self.training_step = torch.compile(self.training_step)  # type: ignore[method-assign]
         if activation_checkpointing and not transformer_blocks(self.backbone):
             raise ValueError(f"activation_checkpointing=True needs a ViT backbone (transformer blocks), got {backbone!r}")
         self.activation_checkpointing = activation_checkpointing
@@ -66,6 +75,9 @@ class SSLMethod(TrainingLog):
         if self.activation_checkpointing:
             apply_activation_checkpointing(self)
         if self.device_mesh is not None:
+            if self.hparams.get("compile_step"):
+                raise ValueError("compile_step: true does not run under FSDP2 sharding (ModelParallelStrategy); "
+                                 "use compile_backbone: true or set compile_step: false")
             shard(self, data_parallel_mesh(self.device_mesh))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
