@@ -43,22 +43,41 @@ class TensorImages(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+MakeView = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def seeded_views(
+    image: torch.Tensor, make_views: Sequence[MakeView], seed: int, epoch: int, index: int
+) -> dict[str, list[torch.Tensor]]:
+    """``{"views", "boxes"}`` of one image, every random draw from the CPU generator seeded by (seed, epoch, index):
+    the same views whichever worker or process makes them, so a resumed epoch remakes them. The generator's state
+    is restored after."""
+    with torch.random.fork_rng(devices=[]):
+        # the CPU generator alone: ``torch.manual_seed`` also queues CUDA seeding, with a stack trace each call
+        torch.default_generator.manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        views, boxes = zip(*(make(image) for make in make_views))
+    return {"views": list(views), "boxes": list(boxes)}
+
+
 class ViewsDataset(Dataset):
     """``{"views", "boxes", "label", "index"}`` from a source of ``(image, label)``: one ``(view, box)``
-    callable per view (``CroppedView``), so the local crops of multi-crop get their own size and scale."""
+    callable per view (``CroppedView``), so the local crops of multi-crop get their own size and scale.
 
-    def __init__(
-        self, source: Dataset, make_views: Sequence[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
-    ) -> None:
-        self.source, self.make_views = source, list(make_views)
+    An item is asked for by ``(epoch, index)`` (``EpochKeySampler``; a bare index is epoch 0's) and its views are
+    drawn by ``seeded_views`` from (seed, epoch, index), so a worker needs no word of the epoch (persistent ones
+    keep their copy of the dataset from the first epoch).
+    """
+
+    def __init__(self, source: Dataset, make_views: Sequence[MakeView], seed: int = 0) -> None:
+        self.source, self.make_views, self.seed = source, list(make_views), seed
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict[str, Any]:
+        epoch, index = (0, key) if isinstance(key, int) else key
         image, label = self.source[index]
-        views, boxes = zip(*(make(image) for make in self.make_views))
-        return {"views": list(views), "boxes": list(boxes), "label": label, "index": index}
+        return {**seeded_views(image, self.make_views, self.seed, epoch, index), "label": label, "index": index}
 
 
 class TransformedImages(Dataset):
@@ -126,6 +145,13 @@ class EpochShuffleSampler(DistributedSampler):
         return self.num_samples
 
 
+class EpochKeySampler(EpochShuffleSampler):
+    """An ``EpochShuffleSampler`` yielding ``(epoch, index)`` keys (``ViewsDataset``'s) instead of bare indices."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        return ((self.epoch, index) for index in super().__iter__())
+
+
 class ResumableLoader(DataLoader):
     """A training loader over an ``EpochShuffleSampler`` whose position in the epoch is saved in checkpoints.
 
@@ -167,7 +193,8 @@ class SSLDataModule(LightningDataModule):
             are replaced by the dataset's.
         views_on_device: make the views batched on the device (per-sample parameters) instead of in workers.
         eval_batch_size: batch size of the evaluation loaders.
-        seed: seed of the device-side view generator (combined with the rank and the batch count).
+        seed: seed of the training order, of the device-side view generator (combined with the rank and the batch
+            count) and of the views made in workers (combined with the epoch and the image's index).
         eval_resize: the shorter side (px) evaluation images are resized to before the centre crop; ``"none"``
             keeps their size. Default: the crop for fixed-size data (a no-op at that size), crop / 0.875 for
             images of any size (ImageNet's 256 -> 224), and no resize when ``eval_crop`` is ``"none"``.
@@ -274,11 +301,13 @@ class SSLDataModule(LightningDataModule):
         elif self.views_on_device and self.fixed_size:  # whole uint8 images; every view op on the device
             dataset = TransformedImages(self._train, _unchanged)
         elif self.views_on_device:  # variable sizes: crops in workers, the rest on the device
-            dataset = ViewsDataset(self._train, self.views.worker_crops())
+            dataset = ViewsDataset(self._train, self.views.worker_crops(), self.seed)
         else:
-            dataset = ViewsDataset(self._train, self.views.per_sample_views())
+            dataset = ViewsDataset(self._train, self.views.per_sample_views(), self.seed)
         position, self._position = self._position, None
-        sampler = EpochShuffleSampler.of_rank(self.trainer, len(dataset), self.seed, position)  # type: ignore[arg-type]
+        keyed = isinstance(dataset, ViewsDataset)  # views drawn per (seed, epoch, index) need the epoch
+        sampler = (EpochKeySampler if keyed else EpochShuffleSampler).of_rank(
+            self.trainer, len(dataset), self.seed, position)  # type: ignore[arg-type]
         self._train_loader = self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, sampler=sampler,
                                           collate_fn=None if encoded is None else collate_encoded)
         return self._train_loader

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import Dataset
 
-from ssl_lightning.datamodules.base import IMAGENET_MEAN, IMAGENET_STD, SSLDataModule
+from ssl_lightning.datamodules.base import IMAGENET_MEAN, IMAGENET_STD, MakeView, SSLDataModule, seeded_views
 from ssl_lightning.datamodules.encoded import decode_rgb
 from ssl_lightning.datamodules.prepared import read_prepared
 
@@ -50,11 +50,10 @@ class PreparedImages(Dataset):
 
 class ViewStream(StreamingDataset):
     """LitData's stream of a prepared folder, each item made into ``{"views", "boxes", "label", "index"}`` in the
-    worker that reads it. The views' random draws are seeded by (seed, epoch, index): the same whichever worker
-    or process makes them, so a resumed epoch makes the same views."""
+    worker that reads it, its views drawn by ``seeded_views`` from (seed, epoch, index) as on the other datamodules'
+    worker path, so a resumed epoch makes the same views."""
 
-    def __init__(self, location: str, make_views: Sequence[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]],
-                 **kwargs: Any) -> None:
+    def __init__(self, location: str, make_views: Sequence[MakeView], **kwargs: Any) -> None:
         super().__init__(location, **kwargs)
         self.location, self.make_views = location, list(make_views)
 
@@ -62,11 +61,8 @@ class ViewStream(StreamingDataset):
         item = super().__next__()
         index = int(item["index"])
         image = decode_rgb(bytes(item["image"]), f"{self.location} item {index}")
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator alone: ``torch.manual_seed`` also queues CUDA seeding, with a stack trace each call
-            torch.default_generator.manual_seed(hash((self.seed, self.current_epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            views, boxes = zip(*(make(image) for make in self.make_views))
-        return {"views": list(views), "boxes": list(boxes), "label": int(item["label"]), "index": index}
+        views = seeded_views(image, self.make_views, self.seed, self.current_epoch, index)
+        return {**views, "label": int(item["label"]), "index": index}
 
 
 class StreamingLoader(StreamingDataLoader):
