@@ -152,23 +152,26 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     return int(block.group(1)) + 1 if block else num_layers + 1
 
 
-def layer_decay_groups(modules: Iterable[nn.Module], weight_decay: float, layer_decay: float, lr: float) -> list[dict]:
+def layer_decay_groups(modules: Iterable[nn.Module], weight_decay: float, layer_decay: float, lr: float,
+                       no_weight_decay: frozenset[str] = frozenset()) -> list[dict]:
     """``param_groups`` split further by ViT layer, each group at its own ``lr * layer_decay ** (L + 1 - layer)``
     (its ``lr`` key; ``LambdaLR`` then scales each group's own rate). ``L`` is the number of blocks of the one ViT
     in ``modules`` (``find_vit``); its parameters get ``vit_layer_id``; a parameter outside it (the heads) is in
     the top layer ``L + 1`` (scale 1), except a ``mask_token`` of the method, an input token like [CLS] (layer 0).
-    Biases and norm weights (1-D) keep no weight decay and no LARS adaptation."""
+    Biases and norm weights (1-D), and the ViT's parameters named in ``no_weight_decay`` (e.g. ``pos_embed``, as
+    MAE's fine-tuning), keep no weight decay and no LARS adaptation."""
     modules = list(modules)
     vit = find_vit(modules)
     num_layers = len(vit.blocks)
     layer_of = {id(p): vit_layer_id(name, num_layers) for name, p in vit.named_parameters()}
+    undecayed = {id(p) for name, p in vit.named_parameters() if name in no_weight_decay}
     groups: dict[tuple[int, bool], dict] = {}
     for module in modules:
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
             default = 0 if name.rsplit(".", 1)[-1] == "mask_token" else num_layers + 1
-            layer, no_decay = layer_of.get(id(param), default), param.ndim <= 1
+            layer, no_decay = layer_of.get(id(param), default), param.ndim <= 1 or id(param) in undecayed
             scale = layer_decay ** (num_layers + 1 - layer)
             group = groups.setdefault((layer, no_decay), {
                 "params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lars_exclude": no_decay,

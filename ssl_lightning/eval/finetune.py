@@ -15,7 +15,6 @@ also under DDP (each rank scores a shard and the scores are gathered).
 from __future__ import annotations
 
 import copy
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -33,6 +32,7 @@ from ssl_lightning.datamodules.base import SSLDataModule, TransformedImages
 from ssl_lightning.distributed import gather_variable_length, rank, world_size
 from ssl_lightning.optim import (
     OptimConfig,
+    layer_decay_groups,
     optimizer_for_groups,
     param_groups,
     scaled_lr,
@@ -42,9 +42,7 @@ from ssl_lightning.optim import (
 from ssl_lightning.transforms import SimCLRViews
 
 # ViT parameters that take no weight decay besides biases and norms (timm's and MAE's ``no_weight_decay``)
-_VIT_NO_WEIGHT_DECAY = {"cls_token", "reg_token", "dist_token", "pos_embed"}
-_VIT_STEM = re.compile(r"^(cls_token|reg_token|dist_token|pos_embed|patch_embed|norm_pre)")
-_VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_VIT_NO_WEIGHT_DECAY = frozenset({"cls_token", "reg_token", "dist_token", "pos_embed"})
 
 
 @dataclass
@@ -101,38 +99,6 @@ def vit_of(backbone: nn.Module) -> nn.Module:
     )
 
 
-def vit_layer_id(name: str, depth: int) -> int:
-    """Layer of a ViT parameter for lr decay (MAE's ``get_layer_id_for_vit``): 0 for the patch embedding,
-    class token and positions, ``i + 1`` for block ``i``, ``depth + 1`` for the rest (final norm, head)."""
-    if _VIT_STEM.match(name):
-        return 0
-    block = _VIT_BLOCK.match(name)
-    return int(block.group(1)) + 1 if block else depth + 1
-
-
-def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Parameter groups per (layer, decay or not) with ``lr_scale = layer_decay ** (depth + 1 - layer)``.
-
-    Biases, norms and the ViT tokens/positions take no weight decay (and are excluded from LARS'
-    adaptation); the head is in the top layer (scale 1).
-    """
-    vit = vit_of(backbone)
-    depth = len(vit.blocks)
-    named = list(vit.named_parameters()) + [(f"head.{n}", p) for n, p in head.named_parameters()]
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in named:
-        if not param.requires_grad:
-            continue
-        layer = vit_layer_id(name, depth)
-        no_decay = param.ndim <= 1 or name in _VIT_NO_WEIGHT_DECAY
-        group = groups.setdefault((layer, no_decay), {
-            "params": [], "lr_scale": layer_decay ** (depth + 1 - layer), "layer": layer,
-            "weight_decay": 0.0 if no_decay else weight_decay, "lars_exclude": no_decay,
-        })
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
-
-
 class FineTuneClassifier(LightningModule):
     """``head(backbone(images))`` trained end to end with cross-entropy.
 
@@ -178,8 +144,9 @@ class FineTuneClassifier(LightningModule):
     def parameter_groups(self) -> list[dict]:
         """Groups with an ``lr_scale``: layer-wise for ViTs with ``layer_decay``, else 1 (no weight decay on
         biases and norms)."""
-        if self.config.layer_decay is not None:
-            return layer_decay_groups(self.backbone, self.head, self.config.weight_decay, self.config.layer_decay)
+        if self.config.layer_decay is not None:  # the head in the top layer; ViT tokens and positions undecayed
+            return layer_decay_groups([self.backbone, self.head], self.config.weight_decay, self.config.layer_decay,
+                                      1.0, _VIT_NO_WEIGHT_DECAY)
         groups = param_groups([self.backbone, self.head], self.config.weight_decay)
         return [{**group, "lr_scale": 1.0} for group in groups if group["params"]]
 
