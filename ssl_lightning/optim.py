@@ -107,17 +107,19 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    cfg: OptimConfig, modules: Iterable[nn.Module], batch_size: int, fixed_lr_modules: Iterable[nn.Module] = ()
+    cfg: OptimConfig, modules: Iterable[nn.Module], batch_size: int, fixed_lr_modules: Iterable[nn.Module] = (),
+    fused: bool = True,
 ) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` names over ``modules`` and ``fixed_lr_modules`` (groups marked ``fixed_lr``),
-    at the learning rate scaled for ``batch_size``."""
+    at the learning rate scaled for ``batch_size``; ``fused``: torch's fused kernels where ``fusable`` (pass
+    ``fused_allowed(trainer)``)."""
     lr = scaled_lr(cfg.lr, batch_size, cfg.scale_lr)
     if cfg.layer_decay is None:
         groups = param_groups(modules, cfg.weight_decay)
     else:
         groups = layer_decay_groups(modules, cfg.weight_decay, cfg.layer_decay, lr)
     groups += param_groups(fixed_lr_modules, cfg.weight_decay, fixed_lr=True)
-    return optimizer_for_groups(cfg, [group for group in groups if group["params"]], lr)
+    return optimizer_for_groups(cfg, [group for group in groups if group["params"]], lr, fused)
 
 
 _VIT_STEM = re.compile(r"^(cls_token|reg_token|register_tokens|dist_token|mask_token|pos_embed|patch_embed|norm_pre)\b")
@@ -181,15 +183,16 @@ def layer_decay_groups(modules: Iterable[nn.Module], weight_decay: float, layer_
     return [groups[key] for key in sorted(groups)]
 
 
-def optimizer_for_groups(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+def optimizer_for_groups(cfg: OptimConfig, groups: list[dict], lr: float, fused: bool = True) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` names over parameter ``groups`` at learning rate ``lr`` (a group's own
-    ``lr`` key, e.g. from layer-wise decay, takes precedence)."""
+    ``lr`` key, e.g. from layer-wise decay, takes precedence); SGD and AdamW fused when ``fused`` and ``fusable``."""
+    fused = fused and fusable(groups)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fusable(groups))
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fusable(groups))
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
     raise ValueError(f"unknown optimizer {cfg.name!r}; use 'lars', 'sgd' or 'adamw'")
 
 
@@ -201,6 +204,14 @@ def fusable(groups: list[dict]) -> bool:
     params = [p for group in groups for p in group["params"]]
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor)
                for p in params)
+
+
+def fused_allowed(trainer: pl.Trainer) -> bool:
+    """False when the trainer clips gradients under mixed precision: Lightning's plugin then refuses optimizers
+    that unscale gradients inside their step, which fused ones do (bf16 included, where nothing is scaled)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return not (trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision))
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):

@@ -84,3 +84,20 @@ def test_fused_sgd_and_adamw_update_as_the_per_tensor_loop(name: str) -> None:
             optimizer.step()
     for (name_, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name_} differs from the per-tensor loop")
+
+
+def test_no_fused_optimizer_where_lightning_clips_gradients_under_mixed_precision() -> None:
+    """Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that unscales them in its
+    step (fused ones), bf16 included: the method then builds the unfused one."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    from ssl_lightning.optim import fused_allowed
+
+    mixed = MixedPrecision("bf16-mixed", "cpu")
+    assert not fused_allowed(SimpleNamespace(gradient_clip_val=3.0, precision_plugin=mixed))
+    assert fused_allowed(SimpleNamespace(gradient_clip_val=None, precision_plugin=mixed))
+    assert fused_allowed(SimpleNamespace(gradient_clip_val=3.0, precision_plugin=Precision()))
+    model = nn.Linear(2, 2)
+    assert not build_optimizer(OptimConfig(name="adamw"), [model], 256, fused=False).defaults["fused"]

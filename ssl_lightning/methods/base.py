@@ -15,6 +15,7 @@ from ssl_lightning.optim import (
     build_optimizer,
     constant_lr,
     cosine_schedule,
+    fused_allowed,
     total_optimizer_steps,
     warmup_cosine,
     warmup_cosine_steps,
@@ -169,7 +170,8 @@ class SSLMethod(TrainingLog):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(
-            self.optim, self.optimized_modules(), self.global_batch_size(), self.fixed_lr_modules()
+            self.optim, self.optimized_modules(), self.global_batch_size(), self.fixed_lr_modules(),
+            fused_allowed(self.trainer),
         )
         warmup_steps, total_steps = warmup_cosine_steps(self.trainer, self.optim.warmup_epochs)
         factor = warmup_cosine(warmup_steps, total_steps, self.optim.min_lr_ratio)

@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ssl_lightning.methods.training_log import TrainingLog
-from ssl_lightning.optim import OptimConfig, build_optimizer, warmup_cosine, warmup_cosine_steps
+from ssl_lightning.optim import OptimConfig, build_optimizer, fused_allowed, warmup_cosine, warmup_cosine_steps
 
 IGNORE_INDEX = -100  # label of positions without a prediction (F.cross_entropy's ignore_index)
 
@@ -150,7 +150,7 @@ class MaskedLanguageModel(TrainingLog):
         if per_device is None:
             raise ValueError("the learning-rate scaling needs the datamodule's batch_size")
         batch_size = per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        optimizer = build_optimizer(self.optim, [self], batch_size)
+        optimizer = build_optimizer(self.optim, [self], batch_size, fused=fused_allowed(self.trainer))
         warmup_steps, total_steps = warmup_cosine_steps(self.trainer, self.optim.warmup_epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, self.optim.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
