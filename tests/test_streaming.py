@@ -169,7 +169,7 @@ from ssl_lightning.methods import SimCLR
 from ssl_lightning.optim import OptimConfig
 from ssl_lightning.transforms import SimCLRViews
 
-data_dir, out = sys.argv[1], sys.argv[2]
+data_dir, out, num_workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 
 class Seen(Callback):
@@ -184,7 +184,7 @@ def fit(name, ckpt_path=None):
     seed_everything(0)
     model = SimCLR(backbone="cifar_resnet18", backbone_kwargs={"base_width": 4}, projection_hidden_dim=32,
                    projection_dim=16, optim=OptimConfig(name="lars", lr=0.5, warmup_epochs=1))
-    data = StreamingImages(data_dir, batch_size=4, num_workers=0, views=SimCLRViews(size=16), seed=0)
+    data = StreamingImages(data_dir, batch_size=4, num_workers=num_workers, views=SimCLRViews(size=16), seed=0)
     seen = Seen()
     every_2 = ModelCheckpoint(dirpath=f"{out}/{name}", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=7, limit_val_batches=0, logger=False,
@@ -202,12 +202,13 @@ fit("resumed", ckpt_path=f"{out}/full/step=2.ckpt")  # mid-epoch 0 (3 batches a 
 """
 
 
-def test_two_process_ddp_every_item_once_an_epoch_and_mid_epoch_resume_is_exact(prepared, tmp_path) -> None:
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_process_ddp_every_item_once_an_epoch_and_mid_epoch_resume_is_exact(prepared, tmp_path, num_workers) -> None:
     script = tmp_path / "fit.py"
     script.write_text(SCRIPT)
     env = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1",
            "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(script), str(prepared[1]), str(tmp_path)], cwd=tmp_path,
+    result = subprocess.run([sys.executable, str(script), str(prepared[1]), str(tmp_path), str(num_workers)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
