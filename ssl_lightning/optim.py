@@ -185,22 +185,23 @@ def layer_decay_groups(modules: Iterable[nn.Module], weight_decay: float, layer_
 
 def optimizer_for_groups(cfg: OptimConfig, groups: list[dict], lr: float, fused: bool = True) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` names over parameter ``groups`` at learning rate ``lr`` (a group's own
-    ``lr`` key, e.g. from layer-wise decay, takes precedence); SGD and AdamW fused when ``fused`` and ``fusable``."""
+    ``lr`` key, e.g. from layer-wise decay, takes precedence); AdamW fused when ``fused`` and ``fusable``."""
     fused = fused and fusable(groups)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)  # not fused: see ``fusable``
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
     raise ValueError(f"unknown optimizer {cfg.name!r}; use 'lars', 'sgd' or 'adamw'")
 
 
 def fusable(groups: list[dict]) -> bool:
-    """Whether torch's fused SGD / AdamW kernels (one kernel over all parameters) take these parameters: floating
-    point, on the CPU or a CUDA device, not sharded (FSDP2's DTensors have no sharding rule for the fused SGD
-    kernel; they keep torch's default). They update the same values as the per-tensor loop, 4-5x faster on this
-    project's CPU (ResNet-18, AdamW) and without a kernel launch per tensor on a GPU."""
+    """Whether torch's fused AdamW kernel (one kernel over all parameters) takes these parameters: floating point,
+    on the CPU or a CUDA device, not sharded (FSDP2's DTensors keep torch's default). It updates the same values as
+    the per-tensor loop, 4-5x faster on this project's CPU (ResNet-18) and without a launch per tensor on a GPU.
+    SGD stays unfused: torch's fused SGD fails on a parameter whose first gradient comes after the others' (SwAV's
+    prototypes, frozen for the first steps)."""
     params = [p for group in groups for p in group["params"]]
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor)
                for p in params)
@@ -211,7 +212,8 @@ def fused_allowed(trainer: pl.Trainer) -> bool:
     that unscale gradients inside their step, which fused ones do (bf16 included, where nothing is scaled)."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    return not (trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision))
+    clips = getattr(trainer, "gradient_clip_val", None)
+    return not (clips and isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision))
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
