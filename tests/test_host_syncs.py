@@ -1,4 +1,4 @@
-"""No host synchronisation per training step beyond ``NonFiniteGuard``'s one (issue 13: a GPU step must not wait
+"""No host synchronisation per training step beyond ``NonFiniteGuard``'s one (none in fine-tuning; issue 13: a GPU step must not wait
 for the host): a fit with the configs' callbacks, loggers and progress bar, counting every tensor-to-host read.
 
 On the CPU nothing waits, so the test counts the reads that would wait on a GPU: ``item``, ``tolist``, ``bool``,
@@ -109,3 +109,21 @@ def test_a_training_step_reads_the_host_once(method: str, counter: HostReadCount
     bar = next(c for c in cli.trainer.callbacks if isinstance(c, LogFriendlyProgressBar))
     shown = bar.get_metrics(cli.trainer, cli.model)  # the loss is still in the bar, read at its redraw
     assert shown["train/loss"] == pytest.approx(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+
+def test_a_finetuning_step_reads_the_host_only_when_logging(counter: HostReadCounter) -> None:
+    from ssl_lightning.eval.finetune import FineTuneConfig, finetune
+    from tests.test_finetune import ColourData, tiny_resnet
+
+    torch.set_num_threads(1)
+    steps = 60  # the bar redraws every 6th step (a tenth of the epoch), where logging reads too
+    result = finetune(tiny_resnet(), ColourData(num_train=2 * steps), config=FineTuneConfig(epochs=1, batch_size=2),
+                      trainer_kwargs=dict(accelerator="cpu", devices=1, callbacks=[counter], log_every_n_steps=6))
+
+    assert result.trainer.global_step == steps
+    redraws = [step for step in range(steps) if (step + 1) % 6 == 0]
+    assert sorted(counter.reads) == redraws, {step: dict(reads) for step, reads in counter.reads.items()}
+    bar = next(c for c in result.trainer.callbacks if isinstance(c, LogFriendlyProgressBar))
+    shown = bar.get_metrics(result.trainer, result.model)  # the loss is still in the bar, read at its redraw
+    assert shown["finetune/train_loss"] == pytest.approx(float(result.trainer.callback_metrics["finetune/train_loss"]))

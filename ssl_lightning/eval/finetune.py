@@ -21,15 +21,18 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins import Precision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from ssl_lightning.backbones import TimmViT
+from ssl_lightning.callbacks import LogFriendlyProgressBar
 from ssl_lightning.datamodules.base import SSLDataModule, TransformedImages
 from ssl_lightning.distributed import gather_variable_length, rank, world_size
+from ssl_lightning.methods.training_log import TrainingLog
 from ssl_lightning.optim import (
     OptimConfig,
     layer_decay_groups,
@@ -99,8 +102,9 @@ def vit_of(backbone: nn.Module) -> nn.Module:
     )
 
 
-class FineTuneClassifier(LightningModule):
-    """``head(backbone(images))`` trained end to end with cross-entropy.
+class FineTuneClassifier(TrainingLog):
+    """``head(backbone(images))`` trained end to end with cross-entropy (its loss shown in the progress bar
+    without a host read per step: see ``TrainingLog``).
 
     The head starts at zero (MAE uses a near-zero init: early gradients then do not disturb the pretrained
     features) or, with ``head_init``, as a copy of that linear layer (e.g. the linear probe's head, which
@@ -243,7 +247,7 @@ def fit_classifier(
     if "max_epochs" in kwargs or "max_steps" in kwargs:
         raise ValueError("set the length of fine-tuning with FineTuneConfig.epochs, not trainer_kwargs")
     defaults = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
-    trainer = Trainer(**{**defaults, **kwargs, "max_epochs": config.epochs})
+    trainer = Trainer(**{**defaults, **kwargs, "max_epochs": config.epochs, "callbacks": with_progress_bar(kwargs)})
     model = FineTuneClassifier(copy.deepcopy(backbone), num_classes, config, head_init)
     transform = crop_flip_transform(datamodule.image_size, datamodule.mean, datamodule.std, config.crop_scale)
     per_process = len(train) // trainer.world_size  # type: ignore[arg-type]
@@ -261,6 +265,17 @@ def fit_classifier(
         for k in (1, 5)
     )
     return FineTuneResult(top1=top1, top5=top5, num_train=len(train), model=model, trainer=trainer)  # type: ignore[arg-type]
+
+
+def with_progress_bar(trainer_kwargs: dict[str, Any]) -> list[Any]:
+    """The callbacks in ``trainer_kwargs`` plus a ``LogFriendlyProgressBar`` when the bar is on and none is given
+    (it shows the loss that ``FineTuneClassifier`` keeps out of Lightning's per-step bar), redrawn as in
+    ``configs/base.yaml``."""
+    given = trainer_kwargs.get("callbacks") or []
+    callbacks = [given] if isinstance(given, Callback) else list(given)
+    if trainer_kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(LogFriendlyProgressBar(refresh_rate=50))
+    return callbacks
 
 
 def finetune(
