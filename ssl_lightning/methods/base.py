@@ -10,6 +10,7 @@ from torch import nn
 
 from ssl_lightning.backbones import build_backbone
 from ssl_lightning.methods.training_log import TrainingLog
+from ssl_lightning.nn.memory_format import to_channels_last
 from ssl_lightning.optim import (
     OptimConfig,
     build_optimizer,
@@ -31,7 +32,8 @@ class SSLMethod(TrainingLog):
         backbone_kwargs: keyword arguments of that backbone (e.g. ``base_width``, ``image_size``).
         optim: the optimizer recipe (LARS/SGD/AdamW, base lr per 256 images, warm-up then cosine).
         channels_last: run the backbone in channels-last memory format; None (default): on for convolutional
-            backbones (ResNets, ConvNeXts: faster on CPUs and tensor cores), off for ViTs.
+            backbones (ResNets, ConvNeXts: faster on CPUs and tensor cores), off for ViTs; narrow 1x1 strided
+            convolutions stay contiguous on the CPU (``ssl_lightning.nn.memory_format``: a oneDNN bug).
         compile_backbone: ``torch.compile`` the backbone (keeps state-dict keys).
         compile_step: ``torch.compile`` the whole ``training_step``: backbone, heads, targets and loss in one graph,
             and their backward; Lightning's logging stays outside it (a graph break). Keeps state-dict keys; not
@@ -56,7 +58,7 @@ class SSLMethod(TrainingLog):
         self.optim = optim if optim is not None else OptimConfig()
         self.channels_last = _is_convolutional(self.backbone) if channels_last is None else channels_last
         if self.channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+            self.backbone = to_channels_last(self.backbone)
         if compile_backbone and compile_step:
             raise ValueError("compile_step: true already compiles the backbone with the rest of the step; "
                              "set compile_backbone: false")
