@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ssl_lightning.backbones import build_backbone
-from ssl_lightning.nn.memory_format import needs_contiguous_on_cpu, to_channels_last
+from ssl_lightning.nn.memory_format import SubsampledPointwiseConv2d, needs_subsampling_on_cpu, to_channels_last
 
 # Run in a fresh process: the oneDNN bug corrupts the heap (an abort) or hangs, which must fail this test, not
 # end the test session. Prints the worst relative difference of all gradients. BatchNorm runs on its running
@@ -47,20 +47,22 @@ def test_a_narrow_channels_last_resnet_gets_the_contiguous_gradients(threads: in
     assert float(done.stdout) < 1e-5
 
 
-def test_only_narrow_strided_1x1_convolutions_stay_contiguous() -> None:
+def test_only_narrow_strided_1x1_convolutions_are_subsampled_and_compute_the_same() -> None:
     network = build_backbone("cifar_resnet18", base_width=4)
-    keys = list(network.state_dict())
-    network = to_channels_last(network)
-    assert list(network.state_dict()) == keys
-    narrow = [name for name, module in network.named_modules() if needs_contiguous_on_cpu(module)]
+    state = network.state_dict()
+    narrow = [name for name, module in network.named_modules() if needs_subsampling_on_cpu(module)]
     assert narrow == ["layer2.0.downsample.0", "layer3.0.downsample.0"]  # 4 -> 8 and 8 -> 16 channels; 16 -> 32 is wide
-    for name, module in network.named_modules():
-        if isinstance(module, torch.nn.Conv2d):  # 1x1 kernels are "contiguous" in both formats: compare strides
-            format = torch.contiguous_format if name in narrow else torch.channels_last
-            assert module.weight.stride() == module.weight.clone(memory_format=format).stride(), name
-    inputs = []
-    shortcut = network.layer2[0].downsample
-    shortcut[0].register_forward_hook(lambda module, args, output: inputs.append(args[0]))
-    features = shortcut(torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last))
-    assert inputs[0].is_contiguous() and not inputs[0].is_contiguous(memory_format=torch.channels_last)
-    assert features.is_contiguous(memory_format=torch.channels_last)  # the next layer sees channels-last
+    network = to_channels_last(network)
+    assert list(network.state_dict()) == list(state)
+    replaced = [name for name, module in network.named_modules() if isinstance(module, SubsampledPointwiseConv2d)]
+    assert replaced == narrow
+    for name, value in network.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0)
+    for name, parameter in network.named_parameters():
+        if parameter.dim() == 4 and parameter.shape[-1] > 1:  # 1x1 kernels are channels-last in both layouts
+            assert parameter.is_contiguous(memory_format=torch.channels_last), name
+    shortcut = network.layer2[0].downsample[0]
+    for height in (8, 9):  # odd sizes too: the strided convolution's output has ceil(height / 2) rows
+        images = torch.randn(2, 4, height, height).contiguous(memory_format=torch.channels_last)
+        expected = torch.nn.functional.conv2d(images.contiguous(), shortcut.weight.contiguous(), stride=2)
+        torch.testing.assert_close(shortcut(images), expected)

@@ -33,7 +33,7 @@ class SSLMethod(TrainingLog):
         optim: the optimizer recipe (LARS/SGD/AdamW, base lr per 256 images, warm-up then cosine).
         channels_last: run the backbone in channels-last memory format; None (default): on for convolutional
             backbones (ResNets, ConvNeXts: faster on CPUs and tensor cores), off for ViTs; narrow 1x1 strided
-            convolutions stay contiguous on the CPU (``ssl_lightning.nn.memory_format``: a oneDNN bug).
+            convolutions subsample, then run at stride 1 on the CPU (``ssl_lightning.nn.memory_format``: a oneDNN bug).
         compile_backbone: ``torch.compile`` the backbone (keeps state-dict keys).
         compile_step: ``torch.compile`` the whole ``training_step``: backbone, heads, targets and loss in one graph,
             and their backward; Lightning's logging stays outside it (a graph break). Keeps state-dict keys; not

@@ -1,47 +1,51 @@
-"""Channels-last memory format for convolutional networks, except where oneDNN's CPU kernel is wrong.
+"""Channels-last memory format for convolutional networks, around a oneDNN bug in narrow 1x1 strided convolutions.
 
 oneDNN's backward-weights kernel for 1x1 strided convolutions on x86 CPUs (its "reduce to unit stride" path)
 writes past its workspace when the input is channels-last and has fewer channels than the kernel's channel block
 (8 floats on AVX2, 16 on AVX-512): wrong weight gradients, hangs or heap corruption (uxlfoundation/oneDNN#6035,
-open; seen with torch 2.14.1 on an AVX2 EPYC: a width-4 CIFAR ResNet-18 aborts with 1 thread and gets
-gradients off by 1e3 with 2). Those convolutions (a narrow ResNet's downsampling shortcuts) run in the contiguous
-format on the CPU: their weight stays contiguous, a hook hands them a contiguous input and gives the next layer
-a channels-last output. Every other layer, and every layer on a GPU, runs channels-last.
+open; seen with torch 2.14.1 on an AVX2 EPYC: a width-4 CIFAR ResNet-18 aborts with 1 thread and gets weight
+gradients off by 8% with 2). On the CPU, those convolutions (a narrow ResNet's downsampling shortcuts) keep every
+``stride``-th pixel first and then run at stride 1, which is the same function and does not take that path; in
+eager mode and under ``torch.compile`` alike, whatever layout the compiler gives the input.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # the widest channel block of oneDNN's float32 1x1 convolutions on x86 (AVX-512): narrower inputs are affected
 ONEDNN_CHANNEL_BLOCK = 16
 
 
-def needs_contiguous_on_cpu(module: nn.Module) -> bool:
-    """A 1x1 convolution with a stride and fewer input channels than oneDNN's channel block (see the module)."""
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
-            and module.in_channels < ONEDNN_CHANNEL_BLOCK)
+class SubsampledPointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution with a stride and no padding that, on the CPU, subsamples its input and convolves at
+    stride 1 (the same output; see the module's docstring). Same parameters and state-dict keys as ``nn.Conv2d``."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if not input.is_cpu:
+            return super()._conv_forward(input, weight, bias)
+        step_h, step_w = self.stride
+        return F.conv2d(input[:, :, ::step_h, ::step_w], weight, bias, 1, 0, 1, self.groups)
+
+
+def needs_subsampling_on_cpu(module: nn.Module) -> bool:
+    """A plain 1x1 convolution with a stride, no padding and fewer input channels than oneDNN's channel block."""
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride != (1, 1)
+            and module.padding == (0, 0) and module.in_channels < ONEDNN_CHANNEL_BLOCK)
 
 
 def to_channels_last(network: nn.Module) -> nn.Module:
-    """``network`` in channels-last memory format, the convolutions of ``needs_contiguous_on_cpu`` excepted
-    (contiguous weights, contiguous inputs on the CPU). State-dict keys and values do not change."""
-    network = network.to(memory_format=torch.channels_last)
-    for module in network.modules():
-        if needs_contiguous_on_cpu(module):
-            module.weight.data = module.weight.detach().clone(memory_format=torch.contiguous_format)
-            module.register_forward_pre_hook(_contiguous_input_on_cpu)
-            module.register_forward_hook(_channels_last_output_on_cpu)
-    return network
-
-
-def _contiguous_input_on_cpu(module: nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
-    images = args[0]
-    return (images.contiguous(), *args[1:]) if images.is_cpu else None
-
-
-def _channels_last_output_on_cpu(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Optional[torch.Tensor]:
-    return output.contiguous(memory_format=torch.channels_last) if output.is_cpu else None
+    """``network`` in channels-last memory format, each convolution of ``needs_subsampling_on_cpu`` replaced by a
+    ``SubsampledPointwiseConv2d`` holding the same parameters (state-dict keys and values do not change)."""
+    for name, module in list(network.named_modules()):
+        if needs_subsampling_on_cpu(module):
+            parent_name, _, child_name = name.rpartition(".")
+            replacement = SubsampledPointwiseConv2d(module.in_channels, module.out_channels, 1, module.stride,
+                                                    groups=module.groups, bias=module.bias is not None)
+            replacement.weight, replacement.bias = module.weight, module.bias
+            setattr(network.get_submodule(parent_name), child_name, replacement.train(module.training))
+    return network.to(memory_format=torch.channels_last)
