@@ -11,16 +11,17 @@ eager mode and under ``torch.compile`` alike, whatever layout the compiler gives
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def onednn_channel_block() -> int:
-    """The channel block of oneDNN's float32 1x1 convolutions on this CPU: 16 with AVX-512, else 8 (AVX2)."""
-    return 16 if torch.cpu._is_avx512_supported() else 8
+# the widest channel block of oneDNN's float32 1x1 convolutions on x86 (16 floats, AVX-512; 8 with AVX2), used on
+# every CPU: subsampling all three shortcuts of a width-16 CIFAR ResNet-18 costs 1.02-1.05x its step
+# (benchmarks/results/narrow_shortcuts_cpu.txt), and only narrower networks are subsampled at all
+ONEDNN_WIDEST_CHANNEL_BLOCK = 16
 
 
 class SubsampledPointwiseConv2d(nn.Conv2d):
@@ -34,18 +35,22 @@ class SubsampledPointwiseConv2d(nn.Conv2d):
         return F.conv2d(input[:, :, ::step_h, ::step_w], weight, bias, 1, 0, 1, self.groups)
 
 
-def needs_subsampling_on_cpu(module: nn.Module) -> bool:
-    """A plain 1x1 convolution with a stride, no padding and fewer input channels than oneDNN's channel block on
-    this CPU (the replacement costs about 10% of a width-8 CIFAR ResNet-18's step: only where the bug is)."""
+def is_strided_pointwise(module: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` with a 1x1 kernel, a stride and no padding (a ResNet's downsampling shortcut)."""
     return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride != (1, 1)
-            and module.padding == (0, 0) and module.in_channels < onednn_channel_block())
+            and module.padding == (0, 0))
 
 
-def to_channels_last(network: nn.Module) -> nn.Module:
-    """``network`` in channels-last memory format, each convolution of ``needs_subsampling_on_cpu`` replaced by a
+def needs_subsampling_on_cpu(module: nn.Module) -> bool:
+    """A strided pointwise convolution with fewer input channels than oneDNN's widest channel block."""
+    return is_strided_pointwise(module) and module.in_channels < ONEDNN_WIDEST_CHANNEL_BLOCK
+
+
+def to_channels_last(network: nn.Module, subsample: Callable[[nn.Module], bool] = needs_subsampling_on_cpu) -> nn.Module:
+    """``network`` in channels-last memory format, each convolution of ``subsample`` replaced by a
     ``SubsampledPointwiseConv2d`` holding the same parameters (state-dict keys and values do not change)."""
     for name, module in list(network.named_modules()):
-        if needs_subsampling_on_cpu(module):
+        if subsample(module):
             parent_name, _, child_name = name.rpartition(".")
             replacement = SubsampledPointwiseConv2d(module.in_channels, module.out_channels, 1, module.stride,
                                                     groups=module.groups, bias=module.bias is not None)
