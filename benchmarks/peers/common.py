@@ -30,6 +30,9 @@ PREFIX = "RESULT "
 def cifar_resnet18(width: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool), base width ``width`` and no
     ``fc``: the layers of ``ssl_lightning``'s ``cifar_resnet18``, in channels-last. Output: (B, 8 * width)."""
+    if width < 16:  # the peers' environments have no ssl_lightning.nn.memory_format to route around oneDNN#6035
+        raise ValueError(f"width {width}: channels-last shortcuts narrower than 16 channels hit oneDNN#6035 on the "
+                         f"CPU (wrong gradients or a crash); time widths of 16 or more")
     net = ResNet(BasicBlock, [2, 2, 2, 2])  # built at width 64, then re-made at ``width`` below
     net.inplanes = width
     net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
