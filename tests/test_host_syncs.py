@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback
 
 from ssl_lightning.callbacks import LogFriendlyProgressBar
+from ssl_lightning.methods.training_log import TrainingLog
 from ssl_lightning.cli.lightning_cli import run_cli
 from ssl_lightning.cli.run_folder import RUN_DIR_ENV
 from tests.cli_utils import CONFIGS
@@ -127,3 +128,35 @@ def test_a_finetuning_step_reads_the_host_only_when_logging(counter: HostReadCou
     bar = next(c for c in result.trainer.callbacks if isinstance(c, LogFriendlyProgressBar))
     shown = bar.get_metrics(result.trainer, result.model)  # the loss is still in the bar, read at its redraw
     assert shown["finetune/train_loss"] == pytest.approx(float(result.trainer.callback_metrics["finetune/train_loss"]))
+
+
+class _LinearRegression(TrainingLog):
+    """The smallest TrainingLog: a linear layer whose training loss goes to the progress bar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = torch.nn.functional.mse_loss(self.layer(inputs).squeeze(1), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_training_log_keeps_bar_values_out_of_lightnings_per_step_copy() -> None:
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.randn(16, 3), torch.randn(16))
+    model = _LinearRegression()
+    bar = LogFriendlyProgressBar()
+    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, callbacks=[bar])
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    assert model.progress_bar_names == {"train/loss"}
+    assert "train/loss" not in trainer.progress_bar_metrics  # Lightning copied nothing to the host for the bar
+    assert bar.get_metrics(trainer, model)["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
