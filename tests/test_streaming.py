@@ -116,11 +116,13 @@ class Seen(Callback):
         self.indices.append(batch["index"].tolist())
 
 
-def fit(output: Path, root: Path, max_steps: int, ckpt_path: str | None = None, num_workers: int = 0) -> tuple[SimCLR, Seen, Trainer]:
+def fit(output: Path | str, root: Path, max_steps: int, ckpt_path: str | None = None, num_workers: int = 0,
+        cache_dir: str | None = None) -> tuple[SimCLR, Seen, Trainer]:
     seed_everything(0)
     model = SimCLR(backbone="cifar_resnet18", backbone_kwargs={"base_width": 4}, projection_hidden_dim=32,
                    projection_dim=16, optim=OptimConfig(name="lars", lr=0.5, warmup_epochs=1))
-    data = StreamingImages(str(output), batch_size=4, num_workers=num_workers, views=SimCLRViews(size=16), seed=0)
+    data = StreamingImages(str(output), batch_size=4, num_workers=num_workers, views=SimCLRViews(size=16), seed=0,
+                           cache_dir=cache_dir)
     seen = Seen()
     every_2 = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer = Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, callbacks=[seen, every_2], logger=False,

@@ -20,6 +20,7 @@ from litdata import StreamingDataset, optimize
 from litdata.streaming.downloader import get_downloader
 
 from ssl_lightning.datamodules.image_folder import scan_folder, unreadable_files
+from ssl_lightning.datamodules.object_store import S3Downloader
 
 METADATA = "ssl_lightning.json"
 INDEX = "index.json"
@@ -136,10 +137,17 @@ def _metadata(path: Path, location: str) -> dict[str, Any]:
 
 def _read_remote_metadata(url: str, cache_dir: Optional[str]) -> dict[str, Any]:
     """Open ``url`` with LitData (which fetches its ``index.json`` into a local cache folder), fetch
-    ``ssl_lightning.json`` beside it and read it."""
+    ``ssl_lightning.json`` beside it and read it. From S3 through boto3, as LitData fetches ``index.json``: its
+    other path, obstore, would start a runtime in this process that keeps the loader's forked workers off obstore."""
     try:
         local = StreamingDataset(url, cache_dir=cache_dir).input_dir.path
-        get_downloader(url, local, []).download_file(f"{url.rstrip('/')}/{METADATA}", os.path.join(local, METADATA))
+        remote, target = f"{url.rstrip('/')}/{METADATA}", os.path.join(local, METADATA)
+        downloader = get_downloader(url, local, [])
+        if isinstance(downloader, S3Downloader):
+            with open(target, "wb") as file:
+                downloader.download_fileobj(remote, file)
+        else:
+            downloader.download_file(remote, target)
     except Exception as err:  # noqa: BLE001 - each object store raises its own types; the message names the URL
         reason = f"{type(err).__name__}: {err}"
         raise ValueError(f"{url}: not readable `ssl-lightning prepare` output ({reason})") from err

@@ -85,6 +85,18 @@ class StreamingLoader(StreamingDataLoader):
         return super().__iter__()
 
 
+def in_this_cache(position: dict[str, Any], dataset: StreamingDataset) -> dict[str, Any]:
+    """A loader ``position`` from a URL with LitData's cache folder of ``dataset``, this run's: where the chunks are
+    cached is this machine's choice (a requeued job may get another node-local scratch folder), not part of where the
+    epoch stands, and LitData refuses a position whose cache folder moved. It still checks the URL, seed, shuffle,
+    ranks and workers."""
+    state = position["dataset"]
+    if dataset.input_dir.url is None or state.get("input_dir_url") != dataset.input_dir.url:
+        return position
+    moved = {"input_dir_path": dataset.input_dir.path, "cache_dir_path": dataset.cache_dir.path}
+    return {**position, "dataset": {**state, **moved}}
+
+
 class StreamingImages(SSLDataModule):
     """Images of any size from ``ssl-lightning prepare`` output; random crops in workers, the rest where chosen.
 
@@ -142,7 +154,7 @@ class StreamingImages(SSLDataModule):
             raise ValueError(f"{self.input_dir}: {self.num_train} images make no batch of {self.batch_size} a process")
         position, self._position = self._position, None
         if position is not None:
-            self._stream.load_state_dict(position)
+            self._stream.load_state_dict(in_this_cache(position, dataset))
         return self._stream
 
     def state_dict(self) -> dict[str, Any]:
