@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Trainer
 from torch import nn
 
 from ssl_lightning.callbacks.collapse import CollapseMonitor, effective_rank, embedding_std
@@ -168,3 +169,21 @@ def test_simsiam_collapses_without_stop_gradient_and_the_monitor_reports_it(tmp_
         warnings.filterwarnings("error", message="CollapseMonitor")
         monitor, metrics = _simsiam_run(tmp_path / "with", stop_gradient=True)
     assert not monitor.collapsed and metrics["collapse/effective_rank"] > 10
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_a_half_precision_target_is_refused_in_one_line(tmp_path: Path, precision: str) -> None:
+    """An EMA step moves a bfloat16 target by less than its resolution: most weights would never move."""
+    target = torch.randn(10_000).bfloat16()
+    online = target + 0.1 * torch.randn(10_000).bfloat16()
+    averaged = target.clone()
+    for _ in range(100):
+        averaged.lerp_(online, 1 - 0.996)
+    assert (averaged == target).float().mean() > 0.5  # why: more than half never moved in 100 steps
+    model = tiny_method(BYOL)
+    trainer = Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path)
+    dtype = "torch.bfloat16" if precision == "bf16-true" else "torch.float16"
+    with pytest.raises(ValueError, match=f"^MomentumUpdate: the target 'target_backbone' is stored in {dtype} .* use precision bf16-mixed"):
+        trainer.fit(model, tiny_data())
