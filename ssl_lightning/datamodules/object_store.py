@@ -3,9 +3,10 @@
 LitData (0.2.76) fetches chunks with obstore, whose S3 store it builds with client options of its own that leave out
 ``allow_http``; those replace the ones obstore would read from the environment (``AWS_ALLOW_HTTP``), so with an
 ``http://`` endpoint (``AWS_ENDPOINT_URL``) every chunk fetch fails ("HTTP error: builder error", the reqwest
-client refusing the scheme). ``S3Downloader`` is LitData's own with ``allow_http`` added for exactly those
-endpoints; importing this module registers it for ``s3://`` in this process (forked and spawned workers import it
-too, through the datasets they unpickle). https endpoints and AWS itself take LitData's store unchanged.
+client refusing the scheme; cf. developmentseed/obstore#159). ``S3Downloader`` is LitData's own with ``allow_http``
+added for exactly those endpoints; importing this module registers it for ``s3://`` in this process (forked and
+spawned workers import it too, through the datasets they unpickle). https endpoints and AWS itself take LitData's
+store unchanged.
 """
 
 from __future__ import annotations
