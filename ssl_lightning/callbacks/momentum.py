@@ -57,8 +57,7 @@ class MomentumUpdate(Callback):
     is read from the trainer when training starts, so a resumed run neither repeats nor skips an update.
     A step that the optimizer did not take (a mixed-precision ``GradScaler`` skips steps with inf/NaN
     gradients) counts for the schedule but gets no update: an optimizer step hook tells which steps ran.
-    Targets must be float32 (``bf16-true`` / ``16-true`` are refused): with bfloat16 weights, 100 steps at
-    momentum 0.996 leave about 80% of them unchanged. Logs ``train/momentum``.
+    Logs ``train/momentum``.
     """
 
     def __init__(
@@ -92,15 +91,6 @@ class MomentumUpdate(Callback):
                 raise ValueError(f"MomentumUpdate: {target_name!r} is not sharded like {online_name!r}")
             if any(p.requires_grad for p in target_params):
                 raise ValueError(f"MomentumUpdate: the target {target_name!r} must be frozen (requires_grad=False)")
-            narrow = {p.dtype for p in target_params} & {torch.bfloat16, torch.float16}
-            if narrow:
-                dtype = narrow.pop()
-                raise ValueError(
-                    f"MomentumUpdate: the target {target_name!r} is stored in {dtype} (a '-true' precision): an EMA step "
-                    f"of 1 - momentum = {1 - self.base_momentum:g} of the online-target gap is mostly below its "
-                    f"resolution ({torch.finfo(dtype).eps:g}), so most target weights would never move; use "
-                    f"precision bf16-mixed or 16-mixed (float32 weights)"
-                )
             self._onlines += online_params
             self._targets += target_params
         self._last_step = trainer.global_step  # restored from the checkpoint on resume

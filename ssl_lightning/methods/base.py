@@ -83,6 +83,19 @@ class SSLMethod(TrainingLog):
                                  "use compile_backbone: true or set compile_step: false")
             shard(self, data_parallel_mesh(self.device_mesh))
 
+    def on_fit_start(self) -> None:
+        """Refuse weights stored in bfloat16 / float16 (Lightning's ``bf16-true`` / ``16-true``) in one line: an
+        EMA step at momentum 0.996, or a small learning-rate step, is mostly below their resolution and lost (100
+        EMA steps leave most bfloat16 target weights unchanged), and the views are made in float32."""
+        narrow = {p.dtype for p in self.parameters()} & {torch.bfloat16, torch.float16}
+        if narrow:
+            dtype = narrow.pop()
+            raise ValueError(
+                f"{type(self).__name__}: weights stored in {dtype} (precision bf16-true or 16-true); the methods "
+                f"train float32 weights: updates below {dtype}'s resolution ({torch.finfo(dtype).eps:g}), such as "
+                f"an EMA step at momentum 0.996, would be lost; use precision bf16-mixed or 16-mixed"
+            )
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features of ``images``: what downstream evaluation uses."""
         return self.backbone(self.to_memory_format(images))

@@ -60,6 +60,7 @@ class Jigsaw(PretextMethod):
         self.head = MLPHead(in_dim, head_hidden_dim, num_permutations, num_layers=2)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         rank_zero_info(
             f"Jigsaw: {self.permutations.shape[0]} permutations of {self.permutations.shape[1]} tiles, "
             f"minimum pairwise Hamming distance {min_hamming_distance(self.permutations)}"
