@@ -41,8 +41,11 @@ def test_momentum_schedules() -> None:
     values = [scheduled_momentum(k, 100, 0.99) for k in range(101)]
     assert values == sorted(values)
     assert scheduled_momentum(70, 100, 0.999, schedule="constant") == 0.999
-    with pytest.raises(ValueError, match="linear"):
-        scheduled_momentum(0, 1, 0.9, schedule="linear")  # type: ignore[arg-type]
+    for k in range(0, 101, 10):  # I-JEPA's and MSN's code: 0.996 + k * (1 - 0.996) / K
+        assert scheduled_momentum(k, 100, 0.996, schedule="linear") == pytest.approx(0.996 + k * 0.004 / 100)
+    assert scheduled_momentum(150, 100, 0.996, 0.9992, schedule="linear") == pytest.approx(0.9992)
+    with pytest.raises(ValueError, match="'step'; use 'cosine', 'linear' or 'constant'"):
+        scheduled_momentum(0, 1, 0.9, schedule="step")  # type: ignore[arg-type]
 
 
 def test_enqueue_wraps_and_keeps_the_newest_keys() -> None:
@@ -212,6 +215,14 @@ def test_one_update_per_optimizer_step_under_accumulation(tmp_path: Path, monkey
     assert trainer.global_step == 5 and sum(isinstance(c, MomentumUpdate) for c in trainer.callbacks) == 1
     assert record.values == [scheduled_momentum(k, 5, 0.9) for k in range(5)]
     assert not all(torch.equal(p, b) for p, b in zip(model.target_backbone.parameters(), target_before))
+
+
+def test_a_linear_schedule_reaches_the_ema_through_the_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``momentum_schedule: linear`` (I-JEPA's and MSN's code): 0.9 + (1 - 0.9) k / K at optimizer step k."""
+    record = _RecordMomentum(monkeypatch)
+    trainer = tiny_trainer(tmp_path, max_steps=4)
+    trainer.fit(tiny_method(BYOL, momentum_schedule="linear"), tiny_data())
+    assert record.values == pytest.approx([0.9 + 0.1 * k / 4 for k in range(4)])
 
 
 class _SkipsSecondStep(BYOL):

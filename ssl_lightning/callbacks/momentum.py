@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -25,20 +25,26 @@ def ema_update_(targets: list[torch.Tensor], onlines: list[torch.Tensor], moment
     torch._foreach_lerp_(local_shards(targets), local_shards(onlines), 1.0 - momentum)
 
 
+MomentumSchedule = Literal["cosine", "linear", "constant"]
+
+
 def scheduled_momentum(
-    step: int, total_steps: int, base: float, final: float = 1.0, schedule: Literal["cosine", "constant"] = "cosine"
+    step: int, total_steps: int, base: float, final: float = 1.0, schedule: MomentumSchedule = "cosine"
 ) -> float:
     """The momentum after optimizer step ``step`` (0-based) of ``total_steps``.
 
     ``cosine`` is BYOL's ``tau = final - (final - base) * (cos(pi * k / K) + 1) / 2``: ``base`` at the first
-    step, rising to ``final`` at the last; ``constant`` is MoCo's fixed ``base``.
+    step, rising to ``final`` at the last; ``linear`` is ``base + (final - base) * k / K``, the schedule of I-JEPA's
+    and MSN's reference code; ``constant`` is MoCo's fixed ``base``.
     """
     if schedule == "constant":
         return base
+    progress = min(1.0, step / max(1, total_steps))
     if schedule == "cosine":
-        progress = min(1.0, step / max(1, total_steps))
         return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
-    raise ValueError(f"unknown momentum schedule {schedule!r}; use 'cosine' or 'constant'")
+    if schedule == "linear":
+        return base + (final - base) * progress
+    raise ValueError(f"unknown momentum schedule {schedule!r}; use 'cosine', 'linear' or 'constant'")
 
 
 class MomentumUpdate(Callback):
@@ -49,7 +55,8 @@ class MomentumUpdate(Callback):
             Parameters are averaged; buffers (BatchNorm statistics) are left to the target's own forward.
         base_momentum: the momentum of the first step (MoCo 0.999, BYOL 0.996, MoCo v3 0.99).
         final_momentum: the momentum reached at the last step by the cosine schedule.
-        schedule: ``"cosine"`` (BYOL, MoCo v3) or ``"constant"`` (MoCo v1/v2), over the optimizer steps
+        schedule: ``"cosine"`` (BYOL, MoCo v3), ``"linear"`` (I-JEPA's and MSN's code) or ``"constant"``
+            (MoCo v1/v2), over the optimizer steps
             of the run (``optim.total_optimizer_steps``: ``max_epochs`` or ``max_steps``), not over batches.
 
     An optimizer step happened during a batch when ``trainer.global_step`` moved past the step of the last
@@ -65,12 +72,12 @@ class MomentumUpdate(Callback):
         pairs: Sequence[tuple[str, str]],
         base_momentum: float,
         final_momentum: float = 1.0,
-        schedule: Literal["cosine", "constant"] = "cosine",
+        schedule: MomentumSchedule = "cosine",
     ) -> None:
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(f"need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum} and {final_momentum}")
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"unknown momentum schedule {schedule!r}; use 'cosine' or 'constant'")
+        if schedule not in get_args(MomentumSchedule):
+            raise ValueError(f"unknown momentum schedule {schedule!r}; use 'cosine', 'linear' or 'constant'")
         self.pairs = [tuple(pair) for pair in pairs]
         self.base_momentum, self.final_momentum, self.schedule = base_momentum, final_momentum, schedule
         self._targets: list[torch.Tensor] = []

@@ -3,13 +3,13 @@ an online network with a predictor regresses the projection of a slowly moving t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ssl_lightning.callbacks.momentum import MomentumUpdate
+from ssl_lightning.callbacks.momentum import MomentumSchedule, MomentumUpdate
 from ssl_lightning.losses import normalized_mse
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import MLPHead
@@ -33,7 +33,7 @@ class BYOL(SSLMethod):
         prediction_hidden_dim: int = 4096,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
-        momentum_schedule: Literal["cosine", "constant"] = "cosine",
+        momentum_schedule: MomentumSchedule = "cosine",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

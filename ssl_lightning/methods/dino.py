@@ -4,13 +4,13 @@ that sees only the global crops (algorithm 1). Works with ResNet and ViT backbon
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ssl_lightning.callbacks.momentum import MomentumUpdate
+from ssl_lightning.callbacks.momentum import MomentumSchedule, MomentumUpdate
 from ssl_lightning.losses import dino_loss, teacher_entropy, teacher_temperature, update_center_
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn import DINOHead
@@ -56,7 +56,7 @@ class DINO(SSLMethod):
         center_momentum: float = 0.9,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
-        momentum_schedule: Literal["cosine", "constant"] = "cosine",
+        momentum_schedule: MomentumSchedule = "cosine",
         final_weight_decay: Optional[float] = None,
         freeze_last_layer_epochs: int = 1,
         clip_grad: float = 3.0,

@@ -17,7 +17,7 @@ the unmasked crop (sec. 3.2, algorithm 1).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from ssl_lightning.backbones import check_divisible, require_vit
-from ssl_lightning.callbacks.momentum import MomentumUpdate
+from ssl_lightning.callbacks.momentum import MomentumSchedule, MomentumUpdate
 from ssl_lightning.losses.dino import teacher_temperature, update_center_
 from ssl_lightning.losses.ibot import cross_view_loss, ibot_patch_loss, masked_patch_weights
 from ssl_lightning.methods.base import SSLMethod
@@ -92,7 +92,7 @@ class IBOT(SSLMethod):
         patch_loss_weight: float = 1.0,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
-        momentum_schedule: Literal["cosine", "constant"] = "cosine",
+        momentum_schedule: MomentumSchedule = "cosine",
         final_weight_decay: Optional[float] = None,
         freeze_last_layer_epochs: int = 1,
         clip_grad: float = 3.0,

@@ -8,14 +8,14 @@ encoder that sees the full image. One view per image (a random resized crop) and
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from ssl_lightning.backbones import check_divisible, require_vit
-from ssl_lightning.callbacks.momentum import MomentumUpdate
+from ssl_lightning.callbacks.momentum import MomentumSchedule, MomentumUpdate
 from ssl_lightning.losses.ijepa import ijepa_loss, layer_normed_targets
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn.masking import default_mask_seed, step_generator
@@ -35,7 +35,7 @@ class IJEPA(SSLMethod):
             ``mask_tries`` placements whose context keeps ``min_context`` patches (the reference: min_keep 10).
         fixed_pos_embed: the encoder's position embeddings are the fixed 2D sin-cos ones, as the reference code.
         base_momentum, final_momentum, momentum_schedule: the target encoder's EMA, 0.996 -> 1 over the optimizer
-            steps (cosine here; the reference code raises it linearly).
+            steps (cosine by default; ``linear`` is the reference code's).
         final_weight_decay: cosine weight-decay schedule from ``optim.weight_decay`` (0.04 -> 0.4); None: constant.
         mask_seed: seed of the masks (default: the global seed); each step's mask generator is seeded from
             (seed, rank, step, micro-batch), so ranks differ and a resumed run draws the same masks.
@@ -59,7 +59,7 @@ class IJEPA(SSLMethod):
         fixed_pos_embed: bool = True,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
-        momentum_schedule: Literal["cosine", "constant"] = "cosine",
+        momentum_schedule: MomentumSchedule = "cosine",
         final_weight_decay: Optional[float] = None,
         mask_seed: Optional[int] = None,
         **kwargs: Any,

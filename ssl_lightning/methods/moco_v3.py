@@ -4,13 +4,13 @@ the keys of the global batch (no queue). Works with ResNet and ViT backbones."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ssl_lightning.callbacks.momentum import MomentumUpdate
+from ssl_lightning.callbacks.momentum import MomentumSchedule, MomentumUpdate
 from ssl_lightning.losses import moco_v3_loss
 from ssl_lightning.losses.dcl import ContrastiveLoss, check_contrastive_loss
 from ssl_lightning.methods.base import SSLMethod
@@ -44,7 +44,7 @@ class MoCoV3(SSLMethod):
         dclw_sigma: float = 0.5,
         base_momentum: float = 0.99,
         final_momentum: float = 1.0,
-        momentum_schedule: Literal["cosine", "constant"] = "cosine",
+        momentum_schedule: MomentumSchedule = "cosine",
         freeze_patch_embed: bool = False,
         **kwargs: Any,
     ) -> None:

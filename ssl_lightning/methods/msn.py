@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from ssl_lightning.backbones import check_divisible, require_vit
-from ssl_lightning.callbacks.momentum import MomentumUpdate
+from ssl_lightning.callbacks.momentum import MomentumSchedule, MomentumUpdate
 from ssl_lightning.losses.msn import msn_loss, power_law_prior
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.nn.masking import default_mask_seed, kept_indices, masked_count, random_mask, step_generator
@@ -50,7 +50,7 @@ class MSN(SSLMethod):
         sinkhorn_iterations: Sinkhorn-Knopp steps on the targets over the global batch (3, the reference code's
             ``use_sinkhorn``; 0: none).
         base_momentum, final_momentum, momentum_schedule: the target encoder's EMA (0.996 -> 1, cosine over the
-            optimizer steps; the reference code's is linear).
+            optimizer steps by default; ``linear`` is the reference code's).
         final_weight_decay: the weight decay at the end of a cosine schedule from ``optim.weight_decay``
             (0.04 -> 0.4); ``None`` keeps it constant.
         mask_seed: seed of the masks (default: the global seed); each step's masks are drawn from a generator
@@ -80,7 +80,7 @@ class MSN(SSLMethod):
         sinkhorn_iterations: int = 3,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
-        momentum_schedule: Literal["cosine", "constant"] = "cosine",
+        momentum_schedule: MomentumSchedule = "cosine",
         final_weight_decay: Optional[float] = None,
         mask_seed: Optional[int] = None,
         **kwargs: Any,
