@@ -116,6 +116,16 @@ def test_every_config_fits_a_couple_of_steps(config: Path, tmp_path: Path, monke
         assert any(type(c).__name__ == "OnlineLinearProbe" for c in cli.trainer.callbacks)  # base.yaml was applied
 
 
+def test_base_config_comes_from_beside_the_first_config_that_has_one() -> None:
+    from ssl_lightning.cli.lightning_cli import sibling_base_config
+
+    overlay, recipe = CONFIGS / "logging" / "wandb.yaml", CONFIGS / "simclr_bundled.yaml"
+    assert sibling_base_config(["fit", "--config", str(overlay), f"--config={recipe}"]) == [str(CONFIGS / "base.yaml")]
+    assert sibling_base_config(["fit", f"--config={recipe}", "--config", str(overlay)]) == [str(CONFIGS / "base.yaml")]
+    assert sibling_base_config(["fit", "--config", str(overlay)]) == []
+    assert sibling_base_config(["fit", f"--config={CONFIGS / 'base.yaml'}", f"--config={recipe}"]) == []  # given itself
+
+
 def test_unknown_backbone_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="unknown backbone 'resnet19'"):

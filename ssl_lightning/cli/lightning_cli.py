@@ -31,17 +31,14 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def sibling_base_config(args: list[str]) -> list[str]:
-    """``base.yaml`` beside the first ``--config`` file, applied as defaults (shared settings live once)."""
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            path = Path(args[i + 1])
-        elif arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1])
-        else:
-            continue
-        base = path.parent / BASE_CONFIG
-        return [str(base)] if base.is_file() and path.name != BASE_CONFIG else []
-    return []
+    """``base.yaml`` beside the first ``--config`` file that has one, applied as defaults (shared settings live
+    once); none when a ``base.yaml`` is given as a ``--config`` itself. An overlay from another folder given first
+    (``configs/logging/wandb.yaml``) does not hide the recipe's base."""
+    configs = [Path(arg.split("=", 1)[1]) if arg.startswith("--config=") else Path(args[i + 1])
+               for i, arg in enumerate(args) if arg.startswith("--config=") or (arg == "--config" and i + 1 < len(args))]
+    if any(path.name == BASE_CONFIG for path in configs):
+        return []
+    return next(([str(path.parent / BASE_CONFIG)] for path in configs if (path.parent / BASE_CONFIG).is_file()), [])
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -69,7 +66,7 @@ class SaveRunConfig(SaveConfigCallback):
 class SSLLightningCLI(LightningCLI):
     """LightningCLI with the package's conventions.
 
-    - ``base.yaml`` beside the first ``--config`` is read first (``configs/base.yaml``).
+    - ``base.yaml`` beside the first ``--config`` that has one is read first (``configs/base.yaml``).
     - ``fit`` writes everything under one run folder (``ssl_lightning.cli.run_folder``), printed at the start.
     - ``--ckpt_path`` is checked against the config (``ssl_lightning.cli.resume``) instead of silently
       re-applying the checkpoint's hyper-parameters; ``--ckpt_path last`` finds the run's newest checkpoint.
