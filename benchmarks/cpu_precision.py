@@ -1,6 +1,6 @@
 """bf16-mixed against float32 training steps on the CPU: SimCLR (and BYOL / MoCo v2) on CIFAR ResNet-18s through
 Lightning's ``fit``, the two precisions taking turns for a few rounds; prints the median images/s of each and
-their ratio. On CPUs with AMX (Intel Xeon 4th generation and later: ``amx_bf16`` in /proc/cpuinfo) oneDNN runs bf16
+their ratio, after the rate of a plain matrix product in each dtype. On CPUs with AMX (Intel Xeon 4th generation and later: ``amx_bf16`` in /proc/cpuinfo) oneDNN runs bf16
 convolutions and matrix products on the tile units; without AMX or AVX-512 bf16, bf16 is usually slower.
 
     PYTHONPATH=. python benchmarks/cpu_precision.py                         # widths 8, 32, 64; a few minutes
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,17 @@ def cpu_description() -> str:
     return f"{model}, {torch.get_num_threads()} threads, amx_bf16: {'yes' if ' amx_bf16' in info else 'no'}"
 
 
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """The rate of a ``size`` x ``size`` matrix product in ``dtype`` (after three untimed ones)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["simclr"], choices=list(METHODS))
@@ -40,6 +52,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{cpu_description()}, torch {torch.__version__}, batch {args.batch}, {args.rounds} rounds of "
           f"{args.steps} timed steps after {args.warmup}")
+    fp32_rate, bf16_rate = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    print(f"2048x2048 matrix product: float32 {fp32_rate:,.0f} GFLOP/s, bfloat16 {bf16_rate:,.0f} GFLOP/s "
+          f"({bf16_rate / fp32_rate:.1f}x)")
     print("method  | width | 32-true img/s | bf16-mixed img/s | bf16 / fp32")
     for method in args.methods:
         for width in args.widths:

@@ -10,7 +10,7 @@ same ViT (``--mae-backbone``, default ``mae_vit_base`` at 224 px with the paper'
 
 Each figure is the best of ``--repeats`` runs (fit: epochs after the first); the ratios come from this one run.
 Run it alone.
-Usage: ``python benchmarks/overheads.py [--epochs-batches 78] [--repeats 2]``.
+Usage: ``python benchmarks/overheads.py [--batches 78] [--repeats 2]``; ``--mae-only --mae-backbone mae_vit_large`` measures (e) alone.
 """
 
 from __future__ import annotations
@@ -138,7 +138,11 @@ def main() -> None:
     parser.add_argument("--mae-image-size", type=int, default=224)
     parser.add_argument("--mae-batch", type=int, default=8)
     parser.add_argument("--knn-every", type=int, default=10, help="the KNNMonitor's default frequency (base.yaml)")
+    parser.add_argument("--mae-only", action="store_true", help="measure (e) alone, e.g. with --mae-backbone mae_vit_large")
     args = parser.parse_args()
+    if args.mae_only:
+        print_mae_ratio(args)
+        return
     print(f"threads {torch.get_num_threads()}, {args.batches} steps of batch {BATCH} per epoch, best of {args.repeats}")
     step = step_only_seconds(args.batches, args.repeats)
     epochs = args.repeats + 1
@@ -156,6 +160,10 @@ def main() -> None:
     knn_cost = (knn - validate) / args.knn_every
     print(f"(d) + KNNMonitor every epoch:     {knn:7.2f} s; every {args.knn_every}th epoch: "
           f"+{100 * knn_cost / validate:4.1f}% per epoch")
+    print_mae_ratio(args)
+
+
+def print_mae_ratio(args: argparse.Namespace) -> None:
     masked, full, flop_ratio = mae_ratio(args.mae_backbone, args.mae_image_size, args.mae_batch, args.repeats)
     print(f"(e) {args.mae_backbone} MAE step at mask 0.75: {masked:6.3f} s, full-image step {full:6.3f} s: ratio "
           f"{masked / full:5.3f} (FLOPs ratio {flop_ratio:5.3f})")
