@@ -28,6 +28,12 @@ def ema_update_(targets: list[torch.Tensor], onlines: list[torch.Tensor], moment
 MomentumSchedule = Literal["cosine", "linear", "constant"]
 
 
+def unknown_schedule(schedule: str) -> ValueError:
+    """The error for a schedule that is not one of ``MomentumSchedule``'s, naming them."""
+    *names, last = (repr(name) for name in get_args(MomentumSchedule))
+    return ValueError(f"unknown momentum schedule {schedule!r}; use {', '.join(names)} or {last}")
+
+
 def scheduled_momentum(
     step: int, total_steps: int, base: float, final: float = 1.0, schedule: MomentumSchedule = "cosine"
 ) -> float:
@@ -44,7 +50,7 @@ def scheduled_momentum(
         return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
     if schedule == "linear":
         return base + (final - base) * progress
-    raise ValueError(f"unknown momentum schedule {schedule!r}; use 'cosine', 'linear' or 'constant'")
+    raise unknown_schedule(schedule)
 
 
 class MomentumUpdate(Callback):
@@ -54,7 +60,7 @@ class MomentumUpdate(Callback):
         pairs: ``(online, target)`` submodule names of the method, e.g. ``("backbone", "target_backbone")``.
             Parameters are averaged; buffers (BatchNorm statistics) are left to the target's own forward.
         base_momentum: the momentum of the first step (MoCo 0.999, BYOL 0.996, MoCo v3 0.99).
-        final_momentum: the momentum reached at the last step by the cosine schedule.
+        final_momentum: the momentum reached at the last step by the cosine or linear schedule.
         schedule: ``"cosine"`` (BYOL, MoCo v3), ``"linear"`` (I-JEPA's and MSN's code) or ``"constant"``
             (MoCo v1/v2), over the optimizer steps
             of the run (``optim.total_optimizer_steps``: ``max_epochs`` or ``max_steps``), not over batches.
@@ -77,7 +83,7 @@ class MomentumUpdate(Callback):
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(f"need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum} and {final_momentum}")
         if schedule not in get_args(MomentumSchedule):
-            raise ValueError(f"unknown momentum schedule {schedule!r}; use 'cosine', 'linear' or 'constant'")
+            raise unknown_schedule(schedule)
         self.pairs = [tuple(pair) for pair in pairs]
         self.base_momentum, self.final_momentum, self.schedule = base_momentum, final_momentum, schedule
         self._targets: list[torch.Tensor] = []
